@@ -1,0 +1,23 @@
+#include "checks.h"
+
+#include <ATen/ops/aminmax.h>
+
+namespace dualenc_fast {
+
+bool& index_checks_enabled() {
+  static bool enabled = true;
+  return enabled;
+}
+
+void check_index_range(const at::Tensor& indices, const char* name, int64_t num_rows,
+                       const char* rows_name) {
+  if (!index_checks_enabled() || indices.numel() == 0) return;
+  auto mm = at::aminmax(indices);
+  const int64_t lo = std::get<0>(mm).item<int64_t>();
+  const int64_t hi = std::get<1>(mm).item<int64_t>();
+  TORCH_CHECK_INDEX(lo >= 0 && hi < num_rows, "dualenc_fast: argument '", name,
+                    "' must hold feature indices in [0, ", num_rows, ") (", rows_name,
+                    "), got values in [", lo, ", ", hi, "]");
+}
+
+}  // namespace dualenc_fast

@@ -1,0 +1,43 @@
+// Schema: sparse_decode — out[b] = bias + sum_j values[b, j] * weight[indices[b, j]].
+#include "ops/sparse_decode.h"
+
+#include <torch/library.h>
+
+#include "checks.h"
+
+namespace dualenc_fast {
+
+void check_sparse_decode_args(const at::Tensor& values, const at::Tensor& indices,
+                              const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  check_sparse_code(values, indices);
+  check_dim(weight, "weight", 2, "[F, d]");
+  check_same_dtype(weight, "weight", values, "values");
+  check_same_device(weight, "weight", values, "values");
+  if (bias.has_value() && bias->defined()) {
+    check_dim(*bias, "bias", 1, "[d]");
+    check_size(*bias, "bias", 0, weight.size(1), "weight.shape[1] (d)");
+    check_same_dtype(*bias, "bias", values, "values");
+    check_same_device(*bias, "bias", values, "values");
+  }
+  check_index_range(indices, "indices", weight.size(0), "weight.shape[0], the number of features");
+}
+
+void check_sparse_decode_backward_args(const at::Tensor& grad_out, const at::Tensor& values,
+                                       const at::Tensor& indices, const at::Tensor& weight) {
+  check_sparse_decode_args(values, indices, weight, std::nullopt);
+  check_dim(grad_out, "grad_out", 2, "[B, d]");
+  check_size(grad_out, "grad_out", 0, values.size(0), "values.shape[0] (B)");
+  check_size(grad_out, "grad_out", 1, weight.size(1), "weight.shape[1] (d)");
+  check_same_dtype(grad_out, "grad_out", values, "values");
+  check_same_device(grad_out, "grad_out", values, "values");
+}
+
+}  // namespace dualenc_fast
+
+TORCH_LIBRARY_FRAGMENT(dualenc_fast, m) {
+  m.def("sparse_decode(Tensor values, Tensor indices, Tensor weight, Tensor? bias) -> Tensor");
+  // Returns (grad_values [B, k] or [0], grad_weight [F, d] or [0]).
+  m.def(
+      "sparse_decode_backward(Tensor grad_out, Tensor values, Tensor indices, Tensor weight, "
+      "bool need_values_grad, bool need_weight_grad) -> (Tensor, Tensor)");
+}

@@ -1,0 +1,1 @@
+"""Subcommands of the ``dualenc`` CLI: each module defines ``register(subparsers)``."""

@@ -1,0 +1,121 @@
+"""Pure-PyTorch oracle for every compiled op in :mod:`dualenc_fast.ops`.
+
+Each function here has exactly the signature of its fused twin and is written
+for clarity, not speed. Shapes: ``B`` rows, ``d`` input width, ``F`` features,
+``k`` active features per row, ``K`` embedding width.
+
+Tie rule (shared with every kernel): among equal pre-activations the lower
+feature index ranks first, and selected values come out sorted by value,
+descending, then by feature index, ascending.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F_
+
+Tensor = torch.Tensor
+
+
+def select_topk(z: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+    """The k largest entries of each row of ``z`` under the package tie rule."""
+    order = torch.sort(z, dim=-1, descending=True, stable=True).indices[..., :k]
+    return torch.gather(z, -1, order), order
+
+
+def topk_encode(
+    x: Tensor,  # [B, d]
+    weight: Tensor,  # [F, d]
+    bias: Tensor,  # [F]
+    k: int,
+    *,
+    pre_bias: Optional[Tensor] = None,  # [d]
+) -> Tuple[Tensor, Tensor]:
+    """``ReLU((x - pre_bias) @ weight.T + bias)``, then the k largest per row.
+
+    Returns ``values [B, k]`` (dtype of x) and ``indices [B, k]`` (int64).
+    """
+    if pre_bias is not None:
+        x = x - pre_bias
+    z = F_.relu(x @ weight.T + bias)
+    return select_topk(z, k)
+
+
+def sparse_decode(
+    values: Tensor,  # [B, k]
+    indices: Tensor,  # [B, k] int64
+    weight: Tensor,  # [F, d]
+    bias: Optional[Tensor] = None,  # [d]
+) -> Tensor:
+    """``out[b] = bias + sum_j values[b, j] * weight[indices[b, j]]`` -> [B, d]."""
+    out = (values.unsqueeze(-1) * weight[indices]).sum(dim=-2)
+    if bias is not None:
+        out = out + bias
+    return out
+
+
+def fm_interaction(
+    values: Tensor,  # [B, k]
+    indices: Tensor,  # [B, k] int64
+    embeddings: Tensor,  # [F, K]
+) -> Tensor:
+    """FM pooling ``0.5 * ((sum_i v_i V_i)^2 - sum_i (v_i V_i)^2)`` -> [B, K]."""
+    terms = values.unsqueeze(-1) * embeddings[indices]  # [B, k, K]
+    s = terms.sum(dim=-2)
+    q = (terms * terms).sum(dim=-2)
+    return 0.5 * (s * s - q)
+
+
+def dropout_mask(shape, p: float, *, generator=None, device=None) -> Tensor:
+    """A keep-mask (bool) for inverted dropout with drop probability ``p``."""
+    return torch.rand(shape, generator=generator, device=device) >= p
+
+
+def integration_mlp(
+    p: Tensor,  # [B, K]
+    w1: Tensor,  # [H, K]
+    b1: Tensor,  # [H]
+    w2: Tensor,  # [d, H]
+    b2: Tensor,  # [d]
+    dropout_p: float = 0.0,
+    training: bool = False,
+    *,
+    mask: Optional[Tensor] = None,  # [B, K] bool keep-mask
+) -> Tensor:
+    """``w2 @ ReLU(w1 @ Dropout(p) + b1) + b2`` row-wise -> [B, d].
+
+    In training with ``dropout_p > 0`` the keep-mask is ``mask`` when given,
+    otherwise drawn from the global generator; kept entries are scaled by
+    ``1 / (1 - dropout_p)`` (inverted dropout, as ``torch.nn.Dropout``).
+    """
+    if training and dropout_p > 0.0:
+        if dropout_p >= 1.0:
+            p = torch.zeros_like(p)
+        else:
+            if mask is None:
+                mask = dropout_mask(p.shape, dropout_p, device=p.device)
+            p = p * mask.to(p.dtype) / (1.0 - dropout_p)
+    hidden = F_.relu(p @ w1.T + b1)
+    return hidden @ w2.T + b2
+
+
+def topn_reselect(values: Tensor, indices: Tensor, n: int) -> Tuple[Tensor, Tensor]:
+    """Keep the n largest of the k active values of each row (n <= k).
+
+    Among equal values the lower feature index wins, as everywhere else.
+    """
+    k = values.shape[-1]
+    if n >= k:
+        return values, indices
+    # sort by (value desc, index asc): first by index, then stable by value
+    by_index = torch.sort(indices, dim=-1, stable=True)
+    v = torch.gather(values, -1, by_index.indices)
+    order = torch.sort(v, dim=-1, descending=True, stable=True).indices[..., :n]
+    return torch.gather(v, -1, order), torch.gather(by_index.values, -1, order)
+
+
+def dense_code(values: Tensor, indices: Tensor, num_features: int) -> Tensor:
+    """Scatter a sparse code into the dense ``[B, F]`` layout (zeros elsewhere)."""
+    out = values.new_zeros(values.shape[:-1] + (num_features,))
+    return out.scatter_add(-1, indices, values)
