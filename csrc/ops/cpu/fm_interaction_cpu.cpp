@@ -1,0 +1,140 @@
+// CPU kernels of fm_interaction: one pass over each row's active embeddings
+// (two K-wide accumulators), and a backward that recomputes s per row and
+// reduces dE grouped by feature (no atomics, deterministic).
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "ops/cpu/primitives.h"
+#include "ops/fm_interaction.h"
+
+namespace dualenc_fast::cpu {
+namespace {
+
+// s[c] = sum_j v_j E[i_j, c] for row b, into acc [K].
+template <typename scalar_t, typename acc_t>
+inline void pooled_sum(const scalar_t* v, const int64_t* idx, const scalar_t* E, int64_t k,
+                       int64_t K, acc_t* s) {
+  for (int64_t c = 0; c < K; ++c) s[c] = 0;
+  for (int64_t j = 0; j < k; ++j) {
+    const acc_t vj = static_cast<acc_t>(v[j]);
+    const scalar_t* e = E + idx[j] * K;
+    for (int64_t c = 0; c < K; ++c) s[c] += vj * static_cast<acc_t>(e[c]);
+  }
+}
+
+at::Tensor fm_interaction_cpu(const at::Tensor& values,      // [B, k]
+                              const at::Tensor& indices,     // [B, k] int64
+                              const at::Tensor& embeddings)  // [F, K]
+{
+  check_fm_interaction_args(values, indices, embeddings);
+  const auto v = values.contiguous();
+  const auto idx = indices.contiguous();
+  const auto E = embeddings.contiguous();
+  const int64_t B = v.size(0), k = v.size(1), K = E.size(1);
+  auto out = at::empty({B, K}, v.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "fm_interaction_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* vp = v.const_data_ptr<scalar_t>();
+    const int64_t* ip = idx.const_data_ptr<int64_t>();
+    const scalar_t* Ep = E.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, B, grain_for(k * K), [&](int64_t b0, int64_t b1) {
+      std::vector<acc_t> s(K), q(K);
+      for (int64_t b = b0; b < b1; ++b) {
+        std::fill(s.begin(), s.end(), acc_t(0));
+        std::fill(q.begin(), q.end(), acc_t(0));
+        for (int64_t j = 0; j < k; ++j) {
+          const acc_t vj = static_cast<acc_t>(vp[b * k + j]);
+          const scalar_t* e = Ep + ip[b * k + j] * K;
+          for (int64_t c = 0; c < K; ++c) {
+            const acc_t t = vj * static_cast<acc_t>(e[c]);
+            s[c] += t;
+            q[c] += t * t;
+          }
+        }
+        for (int64_t c = 0; c < K; ++c) op[b * K + c] = static_cast<scalar_t>(acc_t(0.5) * (s[c] * s[c] - q[c]));
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> fm_interaction_backward_cpu(
+    const at::Tensor& grad_p,      // [B, K]
+    const at::Tensor& values,      // [B, k]
+    const at::Tensor& indices,     // [B, k] int64
+    const at::Tensor& embeddings,  // [F, K]
+    bool need_values_grad, bool need_embeddings_grad) {
+  check_fm_interaction_backward_args(grad_p, values, indices, embeddings);
+  const auto g = grad_p.contiguous();
+  const auto v = values.contiguous();
+  const auto idx = indices.contiguous();
+  const auto E = embeddings.contiguous();
+  const int64_t B = v.size(0), k = v.size(1), F = E.size(0), K = E.size(1);
+  auto grad_v = need_values_grad ? at::empty({B, k}, v.options()) : at::empty({0}, v.options());
+  auto grad_E = need_embeddings_grad ? at::empty({F, K}, E.options()) : at::empty({0}, E.options());
+  if (!need_values_grad && !need_embeddings_grad) return {grad_v, grad_E};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "fm_interaction_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const scalar_t* vp = v.const_data_ptr<scalar_t>();
+    const int64_t* ip = idx.const_data_ptr<int64_t>();
+    const scalar_t* Ep = E.const_data_ptr<scalar_t>();
+    // s per row, kept for the grouped dE pass
+    std::vector<acc_t> S(static_cast<size_t>(B * K));
+    at::parallel_for(0, B, grain_for(k * K), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        acc_t* s = S.data() + b * K;
+        pooled_sum<scalar_t, acc_t>(vp + b * k, ip + b * k, Ep, k, K, s);
+        if (!need_values_grad) continue;
+        const scalar_t* gb = gp + b * K;
+        scalar_t* dv = grad_v.mutable_data_ptr<scalar_t>() + b * k;
+        for (int64_t j = 0; j < k; ++j) {
+          const acc_t vj = static_cast<acc_t>(vp[b * k + j]);
+          const scalar_t* e = Ep + ip[b * k + j] * K;
+          acc_t acc = 0;
+          for (int64_t c = 0; c < K; ++c) {
+            const acc_t ec = static_cast<acc_t>(e[c]);
+            acc += static_cast<acc_t>(gb[c]) * ec * (s[c] - vj * ec);
+          }
+          dv[j] = static_cast<scalar_t>(acc);
+        }
+      }
+    });
+    if (need_embeddings_grad) {
+      const FeatureCsr csr(ip, B * k, F);
+      scalar_t* dE = grad_E.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, F, grain_for(K * 4), [&](int64_t i0, int64_t i1) {
+        std::vector<acc_t> acc(K);
+        for (int64_t i = i0; i < i1; ++i) {
+          std::fill(acc.begin(), acc.end(), acc_t(0));
+          const scalar_t* e = Ep + i * K;
+          for (int64_t q = csr.rowptr[i]; q < csr.rowptr[i + 1]; ++q) {
+            const int64_t p = csr.pairs[q];
+            const int64_t b = p / k;
+            const acc_t vj = static_cast<acc_t>(vp[p]);
+            const scalar_t* gb = gp + b * K;
+            const acc_t* s = S.data() + b * K;
+            for (int64_t c = 0; c < K; ++c) {
+              acc[c] += vj * static_cast<acc_t>(gb[c]) * (s[c] - vj * static_cast<acc_t>(e[c]));
+            }
+          }
+          for (int64_t c = 0; c < K; ++c) dE[i * K + c] = static_cast<scalar_t>(acc[c]);
+        }
+      });
+    }
+  });
+  return {grad_v, grad_E};
+}
+
+}  // namespace
+}  // namespace dualenc_fast::cpu
+
+TORCH_LIBRARY_IMPL(dualenc_fast, CPU, m) {
+  m.impl("fm_interaction", &dualenc_fast::cpu::fm_interaction_cpu);
+  m.impl("fm_interaction_backward", &dualenc_fast::cpu::fm_interaction_backward_cpu);
+}

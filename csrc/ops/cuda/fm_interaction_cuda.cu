@@ -1,0 +1,170 @@
+// CUDA kernels of fm_interaction: one block per row, threads over the K
+// embedding columns (coalesced reads of each active embedding row). Backward:
+// a row kernel (s into shared memory, one warp per active feature for dv) and
+// a feature kernel reducing dE over the feature's pairs (deterministic).
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "ops/cuda/primitives.cuh"
+#include "ops/fm_interaction.h"
+
+namespace dualenc_fast::cuda {
+namespace {
+
+template <typename scalar_t>
+__global__ void fm_forward_kernel(const scalar_t* __restrict__ v,    // [B, k]
+                                  const int64_t* __restrict__ idx,   // [B, k]
+                                  const scalar_t* __restrict__ E,    // [F, K]
+                                  scalar_t* __restrict__ out,        // [B, K]
+                                  int64_t k, int64_t K) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t b = blockIdx.x;
+  for (int64_t c = threadIdx.x; c < K; c += blockDim.x) {
+    acc_t s = 0, q = 0;
+    for (int64_t j = 0; j < k; ++j) {
+      const acc_t t = static_cast<acc_t>(v[b * k + j]) * static_cast<acc_t>(E[idx[b * k + j] * K + c]);
+      s += t;
+      q += t * t;
+    }
+    out[b * K + c] = static_cast<scalar_t>(acc_t(0.5) * (s * s - q));
+  }
+}
+
+// s for row b into S [B, K] (acc_t) and shared memory; then dv, one warp per j.
+template <typename scalar_t>
+__global__ void fm_backward_rows_kernel(const scalar_t* __restrict__ g,    // [B, K]
+                                        const scalar_t* __restrict__ v,    // [B, k]
+                                        const int64_t* __restrict__ idx,   // [B, k]
+                                        const scalar_t* __restrict__ E,    // [F, K]
+                                        at::opmath_type<scalar_t>* __restrict__ S,  // [B, K]
+                                        scalar_t* __restrict__ dv,         // [B, k] or nullptr
+                                        int64_t k, int64_t K) {
+  using acc_t = at::opmath_type<scalar_t>;
+  extern __shared__ unsigned char smem_raw[];
+  acc_t* s = reinterpret_cast<acc_t*>(smem_raw);
+  const int64_t b = blockIdx.x;
+  for (int64_t c = threadIdx.x; c < K; c += blockDim.x) {
+    acc_t acc = 0;
+    for (int64_t j = 0; j < k; ++j) {
+      acc += static_cast<acc_t>(v[b * k + j]) * static_cast<acc_t>(E[idx[b * k + j] * K + c]);
+    }
+    s[c] = acc;
+    S[b * K + c] = acc;
+  }
+  __syncthreads();
+  if (dv == nullptr) return;
+  const int lane = threadIdx.x % kWarp;
+  const int warps = blockDim.x / kWarp;
+  for (int64_t j = threadIdx.x / kWarp; j < k; j += warps) {
+    const acc_t vj = static_cast<acc_t>(v[b * k + j]);
+    const scalar_t* e = E + idx[b * k + j] * K;
+    acc_t acc = 0;
+    for (int64_t c = lane; c < K; c += kWarp) {
+      const acc_t ec = static_cast<acc_t>(e[c]);
+      acc += static_cast<acc_t>(g[b * K + c]) * ec * (s[c] - vj * ec);
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) dv[b * k + j] = static_cast<scalar_t>(acc);
+  }
+}
+
+// dE[i] = sum over the pairs of feature i of v * g[b] * (S[b] - v * E[i]).
+template <typename scalar_t>
+__global__ void fm_backward_features_kernel(const int64_t* __restrict__ rowptr,  // [F + 1]
+                                            const int64_t* __restrict__ pairs,   // [B * k]
+                                            const scalar_t* __restrict__ g,      // [B, K]
+                                            const scalar_t* __restrict__ v,      // [B, k]
+                                            const scalar_t* __restrict__ E,      // [F, K]
+                                            const at::opmath_type<scalar_t>* __restrict__ S,  // [B, K]
+                                            scalar_t* __restrict__ dE,           // [F, K]
+                                            int64_t k, int64_t K) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t i = blockIdx.x;
+  for (int64_t c = threadIdx.x; c < K; c += blockDim.x) {
+    const acc_t ec = static_cast<acc_t>(E[i * K + c]);
+    acc_t acc = 0;
+    for (int64_t q = rowptr[i]; q < rowptr[i + 1]; ++q) {
+      const int64_t p = pairs[q];
+      const int64_t b = p / k;
+      const acc_t vj = static_cast<acc_t>(v[p]);
+      acc += vj * static_cast<acc_t>(g[b * K + c]) * (S[b * K + c] - vj * ec);
+    }
+    dE[i * K + c] = static_cast<scalar_t>(acc);
+  }
+}
+
+at::Tensor fm_interaction_cuda(const at::Tensor& values,      // [B, k]
+                               const at::Tensor& indices,     // [B, k] int64
+                               const at::Tensor& embeddings)  // [F, K]
+{
+  check_fm_interaction_args(values, indices, embeddings);
+  const c10::cuda::CUDAGuard guard(values.device());
+  const auto v = values.contiguous();
+  const auto idx = indices.contiguous();
+  const auto E = embeddings.contiguous();
+  const int64_t B = v.size(0), k = v.size(1), K = E.size(1);
+  auto out = at::empty({B, K}, v.options());
+  if (B == 0 || K == 0) return out;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "fm_interaction_cuda", [&] {
+    fm_forward_kernel<scalar_t><<<static_cast<unsigned>(B), threads_for(K), 0, stream>>>(
+        v.const_data_ptr<scalar_t>(), idx.const_data_ptr<int64_t>(), E.const_data_ptr<scalar_t>(),
+        out.mutable_data_ptr<scalar_t>(), k, K);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> fm_interaction_backward_cuda(
+    const at::Tensor& grad_p,      // [B, K]
+    const at::Tensor& values,      // [B, k]
+    const at::Tensor& indices,     // [B, k] int64
+    const at::Tensor& embeddings,  // [F, K]
+    bool need_values_grad, bool need_embeddings_grad) {
+  check_fm_interaction_backward_args(grad_p, values, indices, embeddings);
+  const c10::cuda::CUDAGuard guard(values.device());
+  const auto g = grad_p.contiguous();
+  const auto v = values.contiguous();
+  const auto idx = indices.contiguous();
+  const auto E = embeddings.contiguous();
+  const int64_t B = v.size(0), k = v.size(1), F = E.size(0), K = E.size(1);
+  auto grad_v = need_values_grad ? at::empty({B, k}, v.options()) : at::empty({0}, v.options());
+  auto grad_E = need_embeddings_grad ? at::empty({F, K}, E.options()) : at::empty({0}, E.options());
+  if (!need_values_grad && !need_embeddings_grad) return {grad_v, grad_E};
+  if (need_embeddings_grad && B == 0) grad_E.zero_();
+  if (B == 0) return {grad_v, grad_E};
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "fm_interaction_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
+    auto S = at::empty({B, K}, v.options().dtype(acc_dtype));
+    const size_t smem = static_cast<size_t>(K) * sizeof(acc_t);
+    TORCH_CHECK_VALUE(smem <= 48 * 1024, "dualenc_fast: fm_interaction on CUDA supports embedding ",
+                      "widths up to ", 48 * 1024 / sizeof(acc_t), ", got embeddings of shape ", E.sizes());
+    fm_backward_rows_kernel<scalar_t><<<static_cast<unsigned>(B), 256, smem, stream>>>(
+        g.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), idx.const_data_ptr<int64_t>(),
+        E.const_data_ptr<scalar_t>(), S.mutable_data_ptr<acc_t>(),
+        need_values_grad ? grad_v.mutable_data_ptr<scalar_t>() : nullptr, k, K);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (need_embeddings_grad && F > 0) {
+      const FeatureCsr csr(idx, F);
+      fm_backward_features_kernel<scalar_t><<<static_cast<unsigned>(F), threads_for(K), 0, stream>>>(
+          csr.rowptr.const_data_ptr<int64_t>(), csr.pairs.const_data_ptr<int64_t>(),
+          g.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), E.const_data_ptr<scalar_t>(),
+          S.const_data_ptr<acc_t>(), grad_E.mutable_data_ptr<scalar_t>(), k, K);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return {grad_v, grad_E};
+}
+
+}  // namespace
+}  // namespace dualenc_fast::cuda
+
+TORCH_LIBRARY_IMPL(dualenc_fast, CUDA, m) {
+  m.impl("fm_interaction", &dualenc_fast::cuda::fm_interaction_cuda);
+  m.impl("fm_interaction_backward", &dualenc_fast::cuda::fm_interaction_backward_cuda);
+}

@@ -1,0 +1,267 @@
+// CUDA kernels of topk_encode: the encoder GEMM (cuBLAS through at::addmm) in
+// row blocks, then one thread block per row runs a radix select on the float
+// bits of ReLU(z) (non-negative floats order like their bit patterns), gathers
+// the winners (ties: lowest feature index, by an ordered block scan) and sorts
+// them in shared memory. The backward is the sparse primitives only.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/gt.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/gather.h>
+#include <ATen/ops/sort.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cstdint>
+
+#include "checks.h"
+#include "ops/cuda/primitives.cuh"
+#include "ops/topk_encode.h"
+
+namespace dualenc_fast::cuda {
+namespace {
+
+constexpr int kSelectThreads = 256;
+constexpr int kMaxBlockSort = 2048;  // rows with k above this are sorted by at::sort
+
+template <typename scalar_t>
+__device__ __forceinline__ float relu_value(scalar_t raw) {
+  const float f = static_cast<float>(raw);
+  return f > 0.f ? f : 0.f;  // NaN counts as 0
+}
+
+__device__ __forceinline__ bool ahead(float va, int ia, float vb, int ib) {
+  return va > vb || (va == vb && ia < ib);
+}
+
+// One block per row of z [rows, F]: writes the row's top-k, sorted when
+// k <= kMaxBlockSort, to values/indices [rows, k].
+template <typename scalar_t>
+__global__ void __launch_bounds__(kSelectThreads)
+topk_select_kernel(const scalar_t* __restrict__ z,  // [rows, F]
+                   scalar_t* __restrict__ out_v,     // [rows, k]
+                   int64_t* __restrict__ out_i,      // [rows, k]
+                   int64_t F, int64_t k) {
+  __shared__ unsigned int hist[256];
+  __shared__ unsigned int s_prefix;
+  __shared__ long long s_remaining;
+  __shared__ unsigned int s_gt_count;
+  __shared__ long long s_eq_base;
+  __shared__ int warp_offsets[kSelectThreads / kWarp + 1];
+  __shared__ float sort_v[kMaxBlockSort];
+  __shared__ int sort_i[kMaxBlockSort];
+
+  const int tid = threadIdx.x;
+  const int lane = tid % kWarp, warp = tid / kWarp;
+  const int64_t row = blockIdx.x;
+  const scalar_t* zr = z + row * F;
+  scalar_t* ov = out_v + row * k;
+  int64_t* oi = out_i + row * k;
+
+  // --- radix select: the bit pattern T of the k-th largest value, 8 bits a pass
+  unsigned int prefix = 0, mask = 0;
+  long long remaining = k;  // how many of the values matching `prefix` are still wanted
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    for (int b = tid; b < 256; b += kSelectThreads) hist[b] = 0;
+    __syncthreads();
+    for (int64_t i = tid; i < F; i += kSelectThreads) {
+      const unsigned int u = __float_as_uint(relu_value(zr[i]));
+      if ((u & mask) == prefix) atomicAdd(&hist[(u >> shift) & 255u], 1u);
+    }
+    __syncthreads();
+    if (tid == 0) {
+      long long above = 0;
+      int chosen = 0;
+      for (int b = 255; b >= 0; --b) {
+        if (above + hist[b] >= remaining) {
+          chosen = b;
+          break;
+        }
+        above += hist[b];
+      }
+      s_prefix = prefix | (static_cast<unsigned int>(chosen) << shift);
+      s_remaining = remaining - above;
+    }
+    __syncthreads();
+    prefix = s_prefix;
+    mask |= 255u << shift;
+    remaining = s_remaining;
+    __syncthreads();
+  }
+  const unsigned int T = prefix;
+  const long long n_gt = k - remaining;  // values strictly above T: all selected
+  const long long n_eq = remaining;      // values equal to T: the lowest-index ones
+
+  // --- gather: > T anywhere in [0, n_gt); == T in index order into [n_gt, k)
+  if (tid == 0) {
+    s_gt_count = 0;
+    s_eq_base = 0;
+  }
+  __syncthreads();
+  for (int64_t start = 0; start < F; start += kSelectThreads) {
+    const int64_t i = start + tid;
+    float f = 0.f;
+    unsigned int u = 0;
+    if (i < F) {
+      f = relu_value(zr[i]);
+      u = __float_as_uint(f);
+    }
+    const bool gt = i < F && u > T;
+    const bool eq = i < F && u == T;
+    if (gt) {
+      const unsigned int pos = atomicAdd(&s_gt_count, 1u);
+      ov[pos] = static_cast<scalar_t>(f);
+      oi[pos] = i;
+    }
+    const unsigned int ballot = __ballot_sync(0xffffffffu, eq);
+    if (lane == 0) warp_offsets[warp] = __popc(ballot);
+    __syncthreads();
+    if (tid == 0) {
+      int run = 0;
+      for (int w = 0; w < kSelectThreads / kWarp; ++w) {
+        const int c = warp_offsets[w];
+        warp_offsets[w] = run;
+        run += c;
+      }
+      warp_offsets[kSelectThreads / kWarp] = run;
+    }
+    __syncthreads();
+    if (eq) {
+      const long long pos = s_eq_base + warp_offsets[warp] + __popc(ballot & ((1u << lane) - 1u));
+      if (pos < n_eq) {
+        ov[n_gt + pos] = static_cast<scalar_t>(f);
+        oi[n_gt + pos] = i;
+      }
+    }
+    __syncthreads();
+    if (tid == 0) s_eq_base += warp_offsets[kSelectThreads / kWarp];
+    __syncthreads();
+    if (s_eq_base >= n_eq && s_gt_count >= static_cast<unsigned long long>(n_gt)) break;
+  }
+
+  // --- sort the k winners by (value desc, index asc): bitonic in shared memory
+  if (k > kMaxBlockSort) return;
+  int P = 1;
+  while (P < k) P <<= 1;
+  for (int j = tid; j < P; j += kSelectThreads) {
+    if (j < k) {
+      sort_v[j] = static_cast<float>(ov[j]);
+      sort_i[j] = static_cast<int>(oi[j]);
+    } else {
+      sort_v[j] = -1.f;  // below every ReLU output
+      sort_i[j] = 0x7fffffff;
+    }
+  }
+  __syncthreads();
+  for (int size = 2; size <= P; size <<= 1) {
+    for (int stride = size >> 1; stride > 0; stride >>= 1) {
+      for (int t = tid; t < P / 2; t += kSelectThreads) {
+        const int a = 2 * t - (t & (stride - 1));
+        const int b = a + stride;
+        const bool forward = (a & size) == 0;
+        const bool b_first = ahead(sort_v[b], sort_i[b], sort_v[a], sort_i[a]);
+        if (forward == b_first) {
+          const float tv = sort_v[a];
+          sort_v[a] = sort_v[b];
+          sort_v[b] = tv;
+          const int ti = sort_i[a];
+          sort_i[a] = sort_i[b];
+          sort_i[b] = ti;
+        }
+      }
+      __syncthreads();
+    }
+  }
+  for (int j = tid; j < k; j += kSelectThreads) {
+    ov[j] = static_cast<scalar_t>(sort_v[j]);
+    oi[j] = sort_i[j];
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> topk_encode_cuda(const at::Tensor& x,       // [B, d]
+                                                    const at::Tensor& weight,  // [F, d]
+                                                    const at::Tensor& bias,    // [F]
+                                                    int64_t k,
+                                                    const std::optional<at::Tensor>& pre_bias) {  // [d]
+  check_topk_encode_args(x, weight, bias, k, pre_bias);
+  TORCH_CHECK_VALUE(weight.size(0) < (int64_t(1) << 31), "dualenc_fast: topk_encode on CUDA supports ",
+                    "F < 2^31 features, got weight of shape ", weight.sizes());
+  TORCH_CHECK_TYPE(x.scalar_type() != at::kDouble, "dualenc_fast: topk_encode on CUDA supports ",
+                   "float32, float16 and bfloat16; argument 'x' is ", describe(x));
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto xe = centered_input(x, pre_bias);
+  const auto W = weight.contiguous();
+  const auto b = bias.contiguous();
+  const int64_t B = xe.size(0), F = W.size(0);
+  auto values = at::empty({B, k}, xe.options());
+  auto indices = at::empty({B, k}, xe.options().dtype(at::kLong));
+  if (B == 0) return {values, indices};
+  const int64_t rows = encode_block_rows(B, F, xe.element_size(), int64_t(256) << 20);
+  const auto Wt = W.t();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  for (int64_t r0 = 0; r0 < B; r0 += rows) {
+    const int64_t nr = std::min(rows, B - r0);
+    const auto z = at::addmm(b, xe.narrow(0, r0, nr), Wt).contiguous();  // [nr, F]
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xe.scalar_type(), "topk_encode_cuda", [&] {
+      topk_select_kernel<scalar_t><<<static_cast<unsigned>(nr), kSelectThreads, 0, stream>>>(
+          z.const_data_ptr<scalar_t>(), values.mutable_data_ptr<scalar_t>() + r0 * k,
+          indices.mutable_data_ptr<int64_t>() + r0 * k, F, k);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  if (k > kMaxBlockSort) {
+    // order by index, then stably by value: (value desc, index asc)
+    auto by_index = at::sort(indices, /*stable=*/true, /*dim=*/1, /*descending=*/false);
+    auto v = at::gather(values, 1, std::get<1>(by_index));
+    auto by_value = at::sort(v, /*stable=*/true, /*dim=*/1, /*descending=*/true);
+    values = std::get<0>(by_value);
+    indices = at::gather(std::get<0>(by_index), 1, std::get<1>(by_value));
+  }
+  return {values, indices};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_backward_cuda(
+    const at::Tensor& grad_values,  // [B, k]
+    const at::Tensor& values,       // [B, k]
+    const at::Tensor& indices,      // [B, k] int64
+    const at::Tensor& x,            // [B, d]
+    const at::Tensor& weight,       // [F, d]
+    const std::optional<at::Tensor>& pre_bias,  // [d] or None
+    bool need_x_grad, bool need_weight_grad) {
+  check_topk_encode_backward_args(grad_values, values, indices, x, weight, pre_bias);
+  const c10::cuda::CUDAGuard guard(values.device());
+  const auto v = values.contiguous();
+  const auto idx = indices.contiguous();
+  const auto W = weight.contiguous();
+  const int64_t B = v.size(0), k = v.size(1), F = W.size(0), d = W.size(1);
+  // a selected value that ReLU clamped to zero passes no gradient
+  const auto g = at::mul(grad_values, v.gt(0)).contiguous();
+  auto grad_x = need_x_grad ? at::empty({B, d}, v.options()) : at::empty({0}, v.options());
+  auto grad_w = need_weight_grad ? at::empty({F, d}, v.options()) : at::empty({0}, v.options());
+  auto grad_b = need_weight_grad ? at::empty({F}, v.options()) : at::empty({0}, v.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "topk_encode_backward_cuda", [&] {
+    if (need_x_grad) {
+      gather_sum<scalar_t>(g.const_data_ptr<scalar_t>(), idx.const_data_ptr<int64_t>(),
+                           W.const_data_ptr<scalar_t>(), nullptr,
+                           grad_x.mutable_data_ptr<scalar_t>(), B, k, d);
+    }
+    if (need_weight_grad) {
+      const auto xe = centered_input(x, pre_bias);
+      const FeatureCsr csr(idx, F);
+      scatter_rows<scalar_t>(csr, g.const_data_ptr<scalar_t>(), xe.const_data_ptr<scalar_t>(),
+                             grad_w.mutable_data_ptr<scalar_t>(), grad_b.mutable_data_ptr<scalar_t>(),
+                             F, k, d);
+    }
+  });
+  return {grad_x, grad_w, grad_b};
+}
+
+}  // namespace
+}  // namespace dualenc_fast::cuda
+
+TORCH_LIBRARY_IMPL(dualenc_fast, CUDA, m) {
+  m.impl("topk_encode", &dualenc_fast::cuda::topk_encode_cuda);
+  m.impl("topk_encode_backward", &dualenc_fast::cuda::topk_encode_backward_cuda);
+}

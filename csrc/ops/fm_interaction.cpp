@@ -1,0 +1,40 @@
+// Schema: fm_interaction — FM pooling of a sparse code over feature embeddings:
+//   s = sum_j v_j E[i_j],  q = sum_j (v_j E[i_j])^2,  p = 0.5 * (s^2 - q)   (K-wide)
+// backward: dv_j = <dp, E[i_j] * (s - v_j E[i_j])>,
+//           dE[i] += v_j * dp * (s - v_j E[i])   (deterministic, grouped by feature)
+#include "ops/fm_interaction.h"
+
+#include <torch/library.h>
+
+#include "checks.h"
+
+namespace dualenc_fast {
+
+void check_fm_interaction_args(const at::Tensor& values, const at::Tensor& indices,
+                               const at::Tensor& embeddings) {
+  check_sparse_code(values, indices);
+  check_dim(embeddings, "embeddings", 2, "[F, K]");
+  check_same_dtype(embeddings, "embeddings", values, "values");
+  check_same_device(embeddings, "embeddings", values, "values");
+  check_index_range(indices, "indices", embeddings.size(0), "embeddings.shape[0], the number of features");
+}
+
+void check_fm_interaction_backward_args(const at::Tensor& grad_p, const at::Tensor& values,
+                                        const at::Tensor& indices, const at::Tensor& embeddings) {
+  check_fm_interaction_args(values, indices, embeddings);
+  check_dim(grad_p, "grad_p", 2, "[B, K]");
+  check_size(grad_p, "grad_p", 0, values.size(0), "values.shape[0] (B)");
+  check_size(grad_p, "grad_p", 1, embeddings.size(1), "embeddings.shape[1] (K)");
+  check_same_dtype(grad_p, "grad_p", values, "values");
+  check_same_device(grad_p, "grad_p", values, "values");
+}
+
+}  // namespace dualenc_fast
+
+TORCH_LIBRARY_FRAGMENT(dualenc_fast, m) {
+  m.def("fm_interaction(Tensor values, Tensor indices, Tensor embeddings) -> Tensor");
+  // Returns (grad_values [B, k] or [0], grad_embeddings [F, K] or [0]).
+  m.def(
+      "fm_interaction_backward(Tensor grad_p, Tensor values, Tensor indices, Tensor embeddings, "
+      "bool need_values_grad, bool need_embeddings_grad) -> (Tensor, Tensor)");
+}

@@ -1,0 +1,325 @@
+"""Public op API: the compiled ``torch.ops.dualenc_fast`` kernels, with fake
+(meta) implementations for torch.compile and autograd formulas.
+
+Every function has the signature of its pure-PyTorch twin in
+:mod:`dualenc_fast.reference.functional`, which is the oracle the tests compare
+against. Shapes: ``B`` rows, ``d`` width, ``F`` features, ``k`` active, ``K``
+embedding width, ``H`` integration-MLP hidden width.
+
+Tie rule: equal pre-activations rank by lower feature index; rows of codes are
+sorted by value descending, then feature index ascending.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _ext
+
+_ext.require_extension()
+_ops = torch.ops.dualenc_fast
+
+__all__ = [
+    "fm_interaction",
+    "index_checks",
+    "integration_mlp",
+    "integration_mlp_with_hidden",
+    "set_index_checks",
+    "sparse_decode",
+    "topk_encode",
+    "topn_reselect",
+]
+
+
+def set_index_checks(enabled: bool) -> None:
+    """Turn the range check of ``indices`` arguments on or off (default on).
+
+    On CUDA the check costs a device-to-host sync per call; code that passes
+    indices produced by :func:`topk_encode` may switch it off.
+    """
+    _ext._C.set_index_checks(bool(enabled))
+
+
+def index_checks() -> bool:
+    return bool(_ext._C.index_checks())
+
+
+def _empty_or(t: Tensor, shape, needed: bool) -> Tensor:
+    return t.new_empty(shape) if needed else t.new_empty((0,))
+
+
+# --------------------------------------------------------------------------- sparse_decode
+def sparse_decode(values: Tensor, indices: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``out[b] = bias + sum_j values[b, j] * weight[indices[b, j]]``.
+
+    values [B, k], indices [B, k] int64, weight [F, d], bias [d] or None -> [B, d].
+    Repeated indices within a row add up. ``weight`` receives a dense [F, d]
+    gradient built deterministically (pairs grouped by feature, no atomics).
+    """
+    return _ops.sparse_decode.default(values, indices, weight, bias)
+
+
+@torch.library.register_fake("dualenc_fast::sparse_decode")
+def _sparse_decode_fake(values, indices, weight, bias):
+    torch._check(values.dim() == 2 and weight.dim() == 2, lambda: "sparse_decode: values [B, k], weight [F, d]")
+    return values.new_empty((values.shape[0], weight.shape[1]))
+
+
+@torch.library.register_fake("dualenc_fast::sparse_decode_backward")
+def _sparse_decode_backward_fake(grad_out, values, indices, weight, need_values, need_weight):
+    return _empty_or(values, values.shape, need_values), _empty_or(weight, weight.shape, need_weight)
+
+
+def _sparse_decode_setup(ctx, inputs, output):
+    values, indices, weight, bias = inputs
+    ctx.save_for_backward(values, indices, weight)
+    ctx.has_bias = bias is not None
+
+
+def _sparse_decode_backward(ctx, grad):
+    values, indices, weight = ctx.saved_tensors
+    need_v, _, need_w, need_b = ctx.needs_input_grad
+    grad = grad.contiguous()
+    gv = gw = gb = None
+    if need_v or need_w:
+        gv, gw = _ops.sparse_decode_backward.default(grad, values, indices, weight, need_v, need_w)
+    if ctx.has_bias and need_b:
+        gb = grad.sum(0)
+    return (gv if need_v else None), None, (gw if need_w else None), gb
+
+
+torch.library.register_autograd(
+    "dualenc_fast::sparse_decode", _sparse_decode_backward, setup_context=_sparse_decode_setup
+)
+
+
+# --------------------------------------------------------------------------- topk_encode
+def topk_encode(
+    x: Tensor, weight: Tensor, bias: Tensor, k: int, *, pre_bias: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor]:
+    """``ReLU((x - pre_bias) @ weight.T + bias)``, then the k largest per row.
+
+    x [B, d], weight [F, d], bias [F], pre_bias [d] or None ->
+    (values [B, k], indices [B, k] int64). Nothing of size [B, F] is kept for
+    backward; the backward touches only the selected rows of ``weight``. A
+    selected value that ReLU clamped to zero passes no gradient.
+    """
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"dualenc_fast: argument 'k' must be an int, got {type(k).__name__} {k!r}")
+    return _ops.topk_encode.default(x, weight, bias, k, pre_bias)
+
+
+@torch.library.register_fake("dualenc_fast::topk_encode")
+def _topk_encode_fake(x, weight, bias, k, pre_bias):
+    torch._check(x.dim() == 2 and weight.dim() == 2, lambda: "topk_encode: x [B, d], weight [F, d]")
+    torch._check(0 < k <= weight.shape[0], lambda: f"topk_encode: need 0 < k <= F, got k={k}")
+    return x.new_empty((x.shape[0], k)), x.new_empty((x.shape[0], k), dtype=torch.long)
+
+
+@torch.library.register_fake("dualenc_fast::topk_encode_backward")
+def _topk_encode_backward_fake(grad_values, values, indices, x, weight, pre_bias, need_x, need_w):
+    return (
+        _empty_or(x, x.shape, need_x),
+        _empty_or(weight, weight.shape, need_w),
+        _empty_or(weight, (weight.shape[0],), need_w),
+    )
+
+
+def _topk_encode_setup(ctx, inputs, output):
+    x, weight, bias, k, pre_bias = inputs
+    values, indices = output
+    ctx.save_for_backward(x, weight, pre_bias, values, indices)
+    ctx.mark_non_differentiable(indices)
+
+
+def _topk_encode_backward(ctx, grad_values, grad_indices):
+    x, weight, pre_bias, values, indices = ctx.saved_tensors
+    need_x, need_w, need_b, _, need_pre = ctx.needs_input_grad
+    if grad_values is None:
+        return None, None, None, None, None
+    want_x = need_x or need_pre
+    gx, gw, gb = _ops.topk_encode_backward.default(
+        grad_values.contiguous(), values, indices, x, weight, pre_bias, want_x, need_w or need_b
+    )
+    g_pre = -gx.sum(0) if (need_pre and pre_bias is not None) else None
+    return (
+        gx if need_x else None,
+        gw if need_w else None,
+        gb if need_b else None,
+        None,
+        g_pre,
+    )
+
+
+torch.library.register_autograd(
+    "dualenc_fast::topk_encode", _topk_encode_backward, setup_context=_topk_encode_setup
+)
+
+
+# --------------------------------------------------------------------------- fm_interaction
+def fm_interaction(values: Tensor, indices: Tensor, embeddings: Tensor) -> Tensor:
+    """FM pooling ``0.5 * ((sum_j v_j E[i_j])^2 - sum_j (v_j E[i_j])^2)``.
+
+    values [B, k], indices [B, k] int64, embeddings [F, K] -> [B, K], in one
+    pass over the active rows; backward gives dvalues and the touched rows of
+    dembeddings (dense [F, K], deterministic).
+    """
+    return _ops.fm_interaction.default(values, indices, embeddings)
+
+
+@torch.library.register_fake("dualenc_fast::fm_interaction")
+def _fm_interaction_fake(values, indices, embeddings):
+    return values.new_empty((values.shape[0], embeddings.shape[1]))
+
+
+@torch.library.register_fake("dualenc_fast::fm_interaction_backward")
+def _fm_interaction_backward_fake(grad_p, values, indices, embeddings, need_v, need_e):
+    return _empty_or(values, values.shape, need_v), _empty_or(embeddings, embeddings.shape, need_e)
+
+
+def _fm_interaction_setup(ctx, inputs, output):
+    values, indices, embeddings = inputs
+    ctx.save_for_backward(values, indices, embeddings)
+
+
+def _fm_interaction_backward(ctx, grad):
+    values, indices, embeddings = ctx.saved_tensors
+    need_v, _, need_e = ctx.needs_input_grad
+    if not (need_v or need_e):
+        return None, None, None
+    gv, ge = _ops.fm_interaction_backward.default(grad.contiguous(), values, indices, embeddings, need_v, need_e)
+    return (gv if need_v else None), None, (ge if need_e else None)
+
+
+torch.library.register_autograd(
+    "dualenc_fast::fm_interaction", _fm_interaction_backward, setup_context=_fm_interaction_setup
+)
+
+
+# --------------------------------------------------------------------------- integration_mlp
+def _dropout_args(p: Tensor, dropout_p: float, training: bool, mask: Optional[Tensor]):
+    if not (0.0 <= float(dropout_p) <= 1.0):
+        raise ValueError(f"dualenc_fast: argument 'dropout_p' must lie in [0, 1], got {dropout_p!r}")
+    if not training or dropout_p == 0.0:
+        return None, 1.0
+    if dropout_p >= 1.0:
+        return torch.zeros(p.shape, dtype=torch.bool, device=p.device), 0.0
+    if mask is None:
+        mask = torch.rand(p.shape, device=p.device) >= dropout_p
+    return mask, 1.0 / (1.0 - float(dropout_p))
+
+
+def integration_mlp_with_hidden(
+    p: Tensor,
+    w1: Tensor,
+    b1: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    *,
+    mask: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    """:func:`integration_mlp` that also returns the hidden pre-activation [B, H]."""
+    keep, scale = _dropout_args(p, dropout_p, training, mask)
+    return _ops.integration_mlp.default(p, w1, b1, w2, b2, keep, scale)
+
+
+def integration_mlp(
+    p: Tensor,
+    w1: Tensor,
+    b1: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    *,
+    mask: Optional[Tensor] = None,
+) -> Tensor:
+    """``w2 @ ReLU(w1 @ Dropout(p) + b1) + b2`` row-wise.
+
+    p [B, K], w1 [H, K], b1 [H], w2 [d, H], b2 [d] -> [B, d]. In training with
+    ``dropout_p > 0`` the bool keep-mask is ``mask`` or drawn from the global
+    generator exactly as :func:`dualenc_fast.reference.functional.dropout_mask`
+    (so seeded runs match the reference); kept entries scale by 1/(1-dropout_p).
+    The backward is one fused op that reapplies the ReLU and dropout masks.
+    """
+    return integration_mlp_with_hidden(p, w1, b1, w2, b2, dropout_p, training, mask=mask)[0]
+
+
+@torch.library.register_fake("dualenc_fast::integration_mlp")
+def _integration_mlp_fake(p, w1, b1, w2, b2, mask, scale):
+    return p.new_empty((p.shape[0], w2.shape[0])), p.new_empty((p.shape[0], w1.shape[0]))
+
+
+@torch.library.register_fake("dualenc_fast::integration_mlp_backward")
+def _integration_mlp_backward_fake(grad_out, grad_hidden, p, hidden_pre, w1, w2, mask, scale):
+    return (
+        p.new_empty(p.shape),
+        w1.new_empty(w1.shape),
+        w1.new_empty((w1.shape[0],)),
+        w2.new_empty(w2.shape),
+        w2.new_empty((w2.shape[0],)),
+    )
+
+
+def _integration_mlp_setup(ctx, inputs, output):
+    p, w1, b1, w2, b2, mask, scale = inputs
+    ctx.save_for_backward(p, output[1], w1, w2, mask)
+    ctx.scale = scale
+
+
+def _integration_mlp_backward(ctx, grad_out, grad_hidden):
+    p, hidden_pre, w1, w2, mask = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros(p.shape[0], w2.shape[0], dtype=p.dtype, device=p.device)
+    dp, dw1, db1, dw2, db2 = _ops.integration_mlp_backward.default(
+        grad_out.contiguous(), grad_hidden, p, hidden_pre, w1, w2, mask, ctx.scale
+    )
+    need = ctx.needs_input_grad
+    pick = lambda g, i: g if need[i] else None  # noqa: E731
+    return pick(dp, 0), pick(dw1, 1), pick(db1, 2), pick(dw2, 3), pick(db2, 4), None, None
+
+
+torch.library.register_autograd(
+    "dualenc_fast::integration_mlp", _integration_mlp_backward, setup_context=_integration_mlp_setup
+)
+
+
+# --------------------------------------------------------------------------- topn_reselect
+def topn_reselect(values: Tensor, indices: Tensor, n: int) -> Tuple[Tensor, Tensor]:
+    """Keep the n largest of each row's k active values (n <= k), tie rule as
+    everywhere: (values [B, n], indices [B, n])."""
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"dualenc_fast: argument 'n' must be an int, got {type(n).__name__} {n!r}")
+    v, i, _ = _ops.topn_reselect.default(values, indices, n)
+    return v, i
+
+
+@torch.library.register_fake("dualenc_fast::topn_reselect")
+def _topn_reselect_fake(values, indices, n):
+    torch._check(0 < n <= values.shape[1], lambda: f"topn_reselect: need 0 < n <= k, got n={n}")
+    shape = (values.shape[0], n)
+    return values.new_empty(shape), indices.new_empty(shape), indices.new_empty(shape)
+
+
+def _topn_reselect_setup(ctx, inputs, output):
+    values = inputs[0]
+    ctx.save_for_backward(output[2])
+    ctx.k = values.shape[1]
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _topn_reselect_backward(ctx, grad_values, grad_indices, grad_positions):
+    (positions,) = ctx.saved_tensors
+    if grad_values is None:
+        return None, None, None
+    full = grad_values.new_zeros((grad_values.shape[0], ctx.k))
+    return full.scatter(1, positions, grad_values), None, None
+
+
+torch.library.register_autograd(
+    "dualenc_fast::topn_reselect", _topn_reselect_backward, setup_context=_topn_reselect_setup
+)
