@@ -269,6 +269,7 @@ def _integration_mlp_setup(ctx, inputs, output):
     p, w1, b1, w2, b2, mask, scale = inputs
     ctx.save_for_backward(p, output[1], w1, w2, mask)
     ctx.scale = scale
+    ctx.set_materialize_grads(False)  # an unused hidden output passes None, not zeros
 
 
 def _integration_mlp_backward(ctx, grad_out, grad_hidden):

@@ -103,11 +103,9 @@ def integration_mlp(
 def topn_reselect(values: Tensor, indices: Tensor, n: int) -> Tuple[Tensor, Tensor]:
     """Keep the n largest of the k active values of each row (n <= k).
 
-    Among equal values the lower feature index wins, as everywhere else.
+    Among equal values the lower feature index wins, as everywhere else; the
+    kept entries come out sorted by value descending, then index ascending.
     """
-    k = values.shape[-1]
-    if n >= k:
-        return values, indices
     # sort by (value desc, index asc): first by index, then stable by value
     by_index = torch.sort(indices, dim=-1, stable=True)
     v = torch.gather(values, -1, by_index.indices)

@@ -50,6 +50,7 @@ std::tuple<at::Tensor, at::Tensor> relu_backward_cpu(const at::Tensor& dh, const
   auto dpre = at::empty_like(x);
   auto h = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "relu_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* ep = extra ? gx.const_data_ptr<scalar_t>() : nullptr;
@@ -58,9 +59,9 @@ std::tuple<at::Tensor, at::Tensor> relu_backward_cpu(const at::Tensor& dh, const
     at::parallel_for(0, x.numel(), 1 << 14, [&](int64_t a, int64_t e) {
       for (int64_t i = a; i < e; ++i) {
         const bool on = xp[i] > scalar_t(0);
-        scalar_t v = on ? gp[i] : scalar_t(0);
-        if (ep) v = static_cast<scalar_t>(static_cast<float>(v) + static_cast<float>(ep[i]));
-        dp[i] = v;
+        acc_t v = on ? static_cast<acc_t>(gp[i]) : acc_t(0);
+        if (ep) v += static_cast<acc_t>(ep[i]);
+        dp[i] = static_cast<scalar_t>(v);
         hp[i] = on ? xp[i] : scalar_t(0);
       }
     });

@@ -1,0 +1,421 @@
+"""Every compiled op against the pure-PyTorch reference: forward, all gradients,
+float64 gradcheck, torch.library.opcheck, and the errors bad input must raise.
+The same tests run on CUDA when a device is present."""
+import pytest
+import torch
+
+import dualenc_fast.reference.functional as R
+from conftest import DEVICES
+
+ops = pytest.importorskip("dualenc_fast.ops")
+
+# (B, d, F, k, K): awkward on purpose: d=1, odd d, k=1, k=F, F of no special
+# size, B=0.
+SHAPES = [
+    (7, 5, 37, 4, 6),
+    (3, 1, 11, 1, 3),
+    (5, 9, 9, 9, 5),  # k = F
+    (0, 6, 13, 3, 4),  # B = 0
+    (33, 17, 101, 12, 7),
+]
+SHAPE_IDS = ["basic", "d1_k1", "k_eq_F", "B0", "odd"]
+
+
+def tol(dtype):
+    return {
+        torch.float64: dict(atol=1e-10, rtol=1e-9),
+        torch.float32: dict(atol=2e-5, rtol=1e-4),
+        torch.bfloat16: dict(atol=5e-2, rtol=5e-2),
+        torch.float16: dict(atol=5e-3, rtol=5e-3),
+    }[dtype]
+
+
+def leaf(t):
+    return t.detach().clone().requires_grad_(True)
+
+
+def random_code(B, k, F, device, dtype, gen, repeats=False):
+    if repeats:
+        indices = torch.randint(0, F, (B, k), generator=gen).to(device)
+    else:
+        indices = torch.stack([torch.randperm(F, generator=gen)[:k] for _ in range(B)]) if B else torch.empty(0, k, dtype=torch.long)
+        indices = indices.to(device)
+    values = torch.randn(B, k, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+    return values, indices
+
+
+def grads(fn, inputs, upstream):
+    out = fn(*inputs)
+    out = out[0] if isinstance(out, tuple) else out
+    diff = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    return out, torch.autograd.grad(out, diff, upstream, allow_unused=True)
+
+
+def assert_close_all(a, b, dtype):
+    for x, y in zip(a, b):
+        if x is None and y is None:
+            continue
+        # autograd may report an input that does not influence the output as None
+        x = torch.zeros_like(y) if x is None else x
+        y = torch.zeros_like(x) if y is None else y
+        torch.testing.assert_close(x, y, **tol(dtype))
+
+
+# --------------------------------------------------------------------------- sparse_decode
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("repeats", [False, True])
+def test_sparse_decode_matches_reference(device, dtype, shape, with_bias, repeats):
+    B, d, F, k, _ = shape
+    g = torch.Generator().manual_seed(1)
+    values, indices = random_code(B, k, F, device, dtype, g, repeats=repeats)
+    weight = torch.randn(F, d, generator=g, dtype=torch.float64).to(device, dtype)
+    bias = torch.randn(d, generator=g, dtype=torch.float64).to(device, dtype) if with_bias else None
+    up = torch.randn(B, d, generator=g, dtype=torch.float64).to(device, dtype)
+    inputs = [leaf(values), indices, leaf(weight), leaf(bias) if with_bias else None]
+    ref_inputs = [leaf(values), indices, leaf(weight), leaf(bias) if with_bias else None]
+    out, gr = grads(ops.sparse_decode, inputs, up)
+    ref, rgr = grads(R.sparse_decode, ref_inputs, up)
+    torch.testing.assert_close(out, ref, **tol(dtype))
+    assert_close_all(gr, rgr, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sparse_decode_noncontiguous(device):
+    g = torch.Generator().manual_seed(2)
+    values = torch.randn(8, 12, generator=g).to(device)[:, ::2]  # [8, 6] strided
+    indices = torch.randint(0, 20, (6, 8), generator=g).to(device).t()  # transposed
+    weight = torch.randn(10, 20, generator=g).to(device).t()  # [20, 10] transposed
+    torch.testing.assert_close(ops.sparse_decode(values, indices, weight), R.sparse_decode(values, indices, weight))
+
+
+def test_sparse_decode_gradcheck():
+    g = torch.Generator().manual_seed(3)
+    values, indices = random_code(4, 3, 9, "cpu", torch.float64, g, repeats=True)
+    weight = torch.randn(9, 5, generator=g, dtype=torch.float64)
+    bias = torch.randn(5, generator=g, dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda v, w, b: ops.sparse_decode(v, indices, w, b), (leaf(values), leaf(weight), leaf(bias))
+    )
+
+
+# --------------------------------------------------------------------------- topk_encode
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("with_pre_bias", [False, True])
+def test_topk_encode_matches_reference(device, dtype, shape, with_pre_bias):
+    if device == "cuda" and dtype == torch.float64:
+        pytest.skip("topk_encode on CUDA is float32/float16/bfloat16")
+    B, d, F, k, _ = shape
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(B, d, generator=g, dtype=torch.float64).to(device, dtype)
+    weight = torch.randn(F, d, generator=g, dtype=torch.float64).to(device, dtype)
+    bias = (0.1 * torch.randn(F, generator=g, dtype=torch.float64)).to(device, dtype)
+    pre = torch.randn(d, generator=g, dtype=torch.float64).to(device, dtype) if with_pre_bias else None
+    up = torch.randn(B, k, generator=g, dtype=torch.float64).to(device, dtype)
+
+    def run(fn):
+        ins = [leaf(x), leaf(weight), leaf(bias)] + ([leaf(pre)] if with_pre_bias else [])
+        v, i = fn(ins[0], ins[1], ins[2], k, pre_bias=ins[3] if with_pre_bias else None)
+        gs = torch.autograd.grad(v, ins, up, allow_unused=True)
+        return v, i, gs
+
+    v, i, gs = run(ops.topk_encode)
+    rv, ri, rgs = run(R.topk_encode)
+    torch.testing.assert_close(v, rv, **tol(dtype))
+    assert torch.equal(i, ri)
+    assert i.dtype == torch.int64
+    assert_close_all(gs, rgs, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_topk_encode_tie_rule_and_relu_zeros(device):
+    # duplicate rows of weight give exactly equal pre-activations: the lower
+    # feature index must win; with few positives, zeros fill up by lowest index.
+    w = torch.tensor([[1.0, 0.0], [2.0, 0.0], [1.0, 0.0], [2.0, 0.0], [-1.0, 0.0], [0.0, 1.0]], device=device)
+    b = torch.zeros(6, device=device)
+    x = torch.tensor([[1.0, 0.0], [-1.0, 0.0]], device=device)
+    v, i = ops.topk_encode(x, w, b, 4)
+    assert i.tolist() == [[1, 3, 0, 2], [4, 0, 1, 2]]
+    assert v.tolist() == [[2.0, 2.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]]
+    rv, ri = R.topk_encode(x, w, b, 4)
+    assert torch.equal(i, ri) and torch.equal(v, rv)
+    # ReLU-clamped selections pass no gradient
+    xr, wr, br = leaf(x), leaf(w), leaf(b)
+    v, i = ops.topk_encode(xr, wr, br, 4)
+    v.sum().backward()
+    assert br.grad.tolist() == [1.0, 1.0, 1.0, 1.0, 1.0, 0.0]
+
+
+def test_topk_encode_gradcheck():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    w = torch.randn(11, 5, generator=g, dtype=torch.float64)
+    b = torch.randn(11, generator=g, dtype=torch.float64)
+    pre = torch.randn(5, generator=g, dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda x, w, b, pre: ops.topk_encode(x, w, b, 3, pre_bias=pre)[0],
+        (leaf(x), leaf(w), leaf(b), leaf(pre)),
+    )
+
+
+def test_topk_encode_nan_raises():
+    x = torch.tensor([[float("nan"), 1.0]])
+    with pytest.raises(ValueError, match="NaN"):
+        ops.topk_encode(x, torch.ones(4, 2), torch.zeros(4), 2)
+
+
+# --------------------------------------------------------------------------- fm_interaction
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("repeats", [False, True])
+def test_fm_interaction_matches_reference(device, dtype, shape, repeats):
+    B, _, F, k, K = shape
+    g = torch.Generator().manual_seed(6)
+    values, indices = random_code(B, k, F, device, dtype, g, repeats=repeats)
+    emb = torch.randn(F, K, generator=g, dtype=torch.float64).to(device, dtype)
+    up = torch.randn(B, K, generator=g, dtype=torch.float64).to(device, dtype)
+    out, gr = grads(ops.fm_interaction, [leaf(values), indices, leaf(emb)], up)
+    ref, rgr = grads(R.fm_interaction, [leaf(values), indices, leaf(emb)], up)
+    torch.testing.assert_close(out, ref, **tol(dtype))
+    assert_close_all(gr, rgr, dtype)
+
+
+def test_fm_interaction_gradcheck():
+    g = torch.Generator().manual_seed(7)
+    values, indices = random_code(3, 4, 7, "cpu", torch.float64, g, repeats=True)
+    emb = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda v, e: ops.fm_interaction(v, indices, e), (leaf(values), leaf(emb)))
+
+
+# --------------------------------------------------------------------------- integration_mlp
+def mlp_inputs(B, K, H, d, device, dtype, seed=8):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(device, dtype)  # noqa: E731
+    return mk(B, K), mk(H, K), mk(H), mk(d, H), mk(d)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B", [0, 1, 9])
+@pytest.mark.parametrize("mode", ["eval", "dropout", "drop_all"])
+def test_integration_mlp_matches_reference(device, dtype, B, mode):
+    K, H, d = 6, 5, 7
+    inputs = mlp_inputs(B, K, H, d, device, dtype)
+    rate, training = {"eval": (0.15, False), "dropout": (0.3, True), "drop_all": (1.0, True)}[mode]
+    mask = (torch.rand(B, K, generator=torch.Generator().manual_seed(9)) >= rate).to(device)
+    up = torch.randn(B, d, dtype=torch.float64).to(device, dtype)
+    out, gr = grads(lambda *a: ops.integration_mlp(*a, rate, training, mask=mask), [leaf(t) for t in inputs], up)
+    ref, rgr = grads(lambda *a: R.integration_mlp(*a, rate, training, mask=mask), [leaf(t) for t in inputs], up)
+    torch.testing.assert_close(out, ref, **tol(dtype))
+    assert_close_all(gr, rgr, dtype)
+
+
+def test_integration_mlp_seeded_mask_matches_reference():
+    inputs = mlp_inputs(6, 4, 3, 5, "cpu", torch.float32)
+    torch.manual_seed(123)
+    a = ops.integration_mlp(*inputs, 0.5, True)
+    torch.manual_seed(123)
+    b = R.integration_mlp(*inputs, 0.5, True)
+    torch.testing.assert_close(a, b)
+
+
+def test_integration_mlp_hidden_gradient():
+    inputs = [leaf(t) for t in mlp_inputs(4, 3, 5, 2, "cpu", torch.float64)]
+
+    def f(*a):
+        out, hidden = ops.integration_mlp_with_hidden(*a)
+        return out.sum() + (hidden**2).sum()
+
+    def fr(p, w1, b1, w2, b2):
+        hidden = p @ w1.T + b1
+        return (torch.relu(hidden) @ w2.T + b2).sum() + (hidden**2).sum()
+
+    g1 = torch.autograd.grad(f(*inputs), inputs)
+    g2 = torch.autograd.grad(fr(*inputs), inputs)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)
+
+
+def test_integration_mlp_gradcheck():
+    inputs = [leaf(t) for t in mlp_inputs(5, 4, 3, 6, "cpu", torch.float64)]
+    mask = torch.rand(5, 4, generator=torch.Generator().manual_seed(1)) >= 0.25
+    assert torch.autograd.gradcheck(lambda *a: ops.integration_mlp(*a, 0.25, True, mask=mask), inputs)
+
+
+# --------------------------------------------------------------------------- topn_reselect
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", [1, 3, 8])
+def test_topn_reselect_matches_reference(device, n):
+    g = torch.Generator().manual_seed(10)
+    values = torch.randint(0, 4, (6, 8), generator=g).double().to(device)  # many ties
+    indices = torch.stack([torch.randperm(50, generator=g)[:8] for _ in range(6)]).to(device)
+    v, i = ops.topn_reselect(leaf(values), indices, n)
+    rv, ri = R.topn_reselect(values, indices, n)
+    assert torch.equal(v, rv) and torch.equal(i, ri)
+    vl = leaf(values)
+    up = torch.randn(6, n, dtype=torch.float64).to(device)
+    (gv,) = torch.autograd.grad(ops.topn_reselect(vl, indices, n)[0], vl, up)
+    vr = leaf(values)
+    (rgv,) = torch.autograd.grad(R.topn_reselect(vr, indices, n)[0], vr, up)
+    torch.testing.assert_close(gv, rgv)
+
+
+def test_topn_reselect_gradcheck():
+    values = torch.randn(4, 6, dtype=torch.float64)
+    indices = torch.arange(24).reshape(4, 6)
+    assert torch.autograd.gradcheck(lambda v: ops.topn_reselect(v, indices, 3)[0], (leaf(values),))
+
+
+# --------------------------------------------------------------------------- bfloat16 / half
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, pytest.param(torch.float16, marks=pytest.mark.cuda)])
+def test_low_precision_accumulates_in_float32(device, dtype):
+    g = torch.Generator().manual_seed(11)
+    B, d, F, k, K = 16, 64, 200, 16, 8
+    values, indices = random_code(B, k, F, device, torch.float32, g)
+    weight = torch.randn(F, d, generator=g).to(device)
+    emb = torch.randn(F, K, generator=g).to(device)
+    lo = lambda t: t.to(dtype)  # noqa: E731
+    ref = R.sparse_decode(lo(values).float(), indices, lo(weight).float())
+    torch.testing.assert_close(ops.sparse_decode(lo(values), indices, lo(weight)).float(), ref, **tol(dtype))
+    ref = R.fm_interaction(lo(values).float(), indices, lo(emb).float())
+    torch.testing.assert_close(ops.fm_interaction(lo(values), indices, lo(emb)).float(), ref, **tol(dtype))
+    # topk: well separated pre-activations, so rounding cannot reorder them
+    x = torch.eye(d, device=device)[:B]
+    w = torch.zeros(F, d, device=device)
+    w[torch.arange(F), torch.arange(F) % d] = torch.linspace(1, 4, F, device=device)
+    v, i = ops.topk_encode(lo(x), lo(w), lo(torch.zeros(F, device=device)), 3)
+    rv, ri = R.topk_encode(x, w, torch.zeros(F, device=device), 3)
+    assert torch.equal(i, ri)
+    torch.testing.assert_close(v.float(), rv, **tol(dtype))
+
+
+# --------------------------------------------------------------------------- opcheck
+def opcheck_cases(device):
+    g = torch.Generator().manual_seed(12)
+    f64 = dict(dtype=torch.float64)
+    r = lambda *s: torch.randn(*s, generator=g, **f64).to(device).requires_grad_(True)  # noqa: E731
+    values = r(4, 3)
+    indices = torch.randint(0, 9, (4, 3), generator=g).to(device)
+    mask = (torch.rand(4, 5, generator=g) > 0.2).to(device)
+    return [
+        ("sparse_decode", (values, indices, r(9, 6), r(6))),
+        ("sparse_decode", (values, indices, r(9, 6), None)),
+        ("topk_encode", (r(4, 6), r(9, 6), r(9), 3, None)),
+        ("topk_encode", (r(4, 6), r(9, 6), r(9), 3, r(6))),
+        ("fm_interaction", (values, indices, r(9, 5))),
+        ("integration_mlp", (r(4, 5), r(7, 5), r(7), r(6, 7), r(6), mask, 1.25)),
+        ("integration_mlp", (r(4, 5), r(7, 5), r(7), r(6, 7), r(6), None, 1.0)),
+        ("topn_reselect", (values, indices, 2)),
+    ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", range(8))
+def test_opcheck(device, case):
+    name, args = opcheck_cases(device)[case]
+    if device == "cuda" and name == "topk_encode":
+        args = tuple(a.float() if isinstance(a, torch.Tensor) else a for a in args)
+    torch.library.opcheck(getattr(torch.ops.dualenc_fast, name).default, args)
+
+
+# --------------------------------------------------------------------------- torch.compile
+class TinyJoint(torch.nn.Module):
+    def __init__(self, d=8, F=32, k=4, K=6, H=6):
+        super().__init__()
+        g = torch.Generator().manual_seed(13)
+        p = lambda *s: torch.nn.Parameter(0.3 * torch.randn(*s, generator=g))  # noqa: E731
+        self.k = k
+        self.w_enc, self.b_enc, self.w_dec = p(F, d), p(F), p(F, d)
+        self.w_lin, self.b_lin, self.emb = p(F, d), p(d), p(F, K)
+        self.w1, self.b1, self.w2, self.b2 = p(H, K), p(H), p(d, H), p(d)
+
+    def forward(self, x, f):
+        v, i = f.topk_encode(x, self.w_enc, self.b_enc, self.k)
+        vn, i_n = f.topn_reselect(v, i, self.k - 1)
+        recon = f.sparse_decode(v, i, self.w_dec) + f.sparse_decode(vn, i_n, self.w_lin, self.b_lin)
+        return recon + f.integration_mlp(f.fm_interaction(vn, i_n, self.emb), self.w1, self.b1, self.w2, self.b2)
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    model = TinyJoint()
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(14))
+    compiled = torch.compile(lambda x: model(x, ops), fullgraph=True)
+    out = compiled(x)
+    eager = model(x, ops)
+    ref = model(x, R)
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(eager, ref, atol=1e-5, rtol=1e-5)
+    g_c = torch.autograd.grad(out.sum(), list(model.parameters()))
+    g_r = torch.autograd.grad(ref.sum(), list(model.parameters()))
+    for a, b in zip(g_c, g_r):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- bad input
+def bad_cases():
+    v = torch.randn(4, 3)
+    i = torch.randint(0, 9, (4, 3))
+    W = torch.randn(9, 6)
+    x = torch.randn(4, 6)
+    b = torch.randn(9)
+    E = torch.randn(9, 5)
+    return [
+        (lambda: ops.sparse_decode(v, i.int(), W), TypeError, r"'indices' must be an int64 tensor, got .*Int"),
+        (lambda: ops.sparse_decode(v, i.float(), W), TypeError, r"'indices' must be an int64 tensor, got .*Float"),
+        (lambda: ops.sparse_decode(v, i + 20, W), IndexError, r"'indices' must hold feature indices in \[0, 9\).*got values in \[2\d, 2\d\]"),
+        (lambda: ops.sparse_decode(v, -i - 1, W), IndexError, r"'indices'.*got values in \[-9"),
+        (lambda: ops.sparse_decode(v, i[:, :2], W), ValueError, r"'indices' must have the shape of 'values'.*\[4, 2\]"),
+        (lambda: ops.sparse_decode(v, i, W, torch.randn(5)), ValueError, r"'bias' dim 0 must equal weight.shape\[1\] \(d\) = 6, got .*\[5\]"),
+        (lambda: ops.sparse_decode(v.double(), i, W), TypeError, r"'weight' must have the dtype of 'values'"),
+        (lambda: ops.sparse_decode(v[0], i, W), ValueError, r"'values' must have shape \[B, k\].*got .*\[3\]"),
+        (lambda: ops.sparse_decode(v.long(), i, W), TypeError, r"'values' must be a floating-point tensor"),
+        (lambda: ops.topk_encode(x, W, b, 0), ValueError, r"'k' must satisfy 0 < k <= F = 9, got k = 0"),
+        (lambda: ops.topk_encode(x, W, b, 10), ValueError, r"'k' must satisfy 0 < k <= F = 9, got k = 10"),
+        (lambda: ops.topk_encode(x, W, b, -3), ValueError, r"got k = -3"),
+        (lambda: ops.topk_encode(x, W, b, 2.5), TypeError, r"'k' must be an int, got float 2.5"),
+        (lambda: ops.topk_encode(x[:, :5], W, b, 2), ValueError, r"'weight' dim 1 must equal x.shape\[1\] \(d\) = 5"),
+        (lambda: ops.topk_encode(x, W, b[:4], 2), ValueError, r"'bias' dim 0 must equal weight.shape\[0\] \(F\) = 9"),
+        (lambda: ops.topk_encode(x.unsqueeze(0), W, b, 2), ValueError, r"'x' must have shape \[B, d\]"),
+        (lambda: ops.topk_encode(x, W, b, 2, pre_bias=torch.randn(3)), ValueError, r"'pre_bias' dim 0"),
+        (lambda: ops.fm_interaction(v, i + 9, E), IndexError, r"'indices'.*\[0, 9\)"),
+        (lambda: ops.fm_interaction(v, i, E.half()), TypeError, r"'embeddings' must have the dtype of 'values'"),
+        (lambda: ops.integration_mlp(torch.randn(4, 5), torch.randn(7, 4), torch.randn(7), torch.randn(6, 7), torch.randn(6)), ValueError, r"'w1' dim 1 must equal p.shape\[1\] \(K\) = 5"),
+        (lambda: ops.integration_mlp(torch.randn(4, 5), torch.randn(7, 5), torch.randn(7), torch.randn(6, 7), torch.randn(6), 0.5, True, mask=torch.ones(4, 5)), TypeError, r"'mask' must be a bool keep-mask"),
+        (lambda: ops.integration_mlp(torch.randn(4, 5), torch.randn(7, 5), torch.randn(7), torch.randn(6, 7), torch.randn(6), 1.5, True), ValueError, r"'dropout_p' must lie in \[0, 1\], got 1.5"),
+        (lambda: ops.topn_reselect(v, i, 4), ValueError, r"'n' must satisfy 0 < n <= k = 3, got n = 4"),
+        (lambda: ops.topn_reselect(v, i, 0), ValueError, r"got n = 0"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(bad_cases())))
+def test_bad_input_raises_naming_argument(case):
+    fn, exc, pattern = bad_cases()[case]
+    with pytest.raises(exc, match=pattern):
+        fn()
+
+
+@pytest.mark.cuda
+def test_device_mismatch_raises():
+    v = torch.randn(4, 3, device="cuda")
+    i = torch.randint(0, 9, (4, 3), device="cuda")
+    with pytest.raises(ValueError, match=r"'weight' must be on the device of 'values'"):
+        ops.sparse_decode(v, i, torch.randn(9, 6))
+    with pytest.raises(ValueError, match=r"'indices' must be on the device of 'values'"):
+        ops.sparse_decode(v, i.cpu(), torch.randn(9, 6, device="cuda"))
+
+
+def test_index_checks_toggle():
+    assert ops.index_checks()
+    ops.set_index_checks(False)
+    try:
+        assert not ops.index_checks()
+    finally:
+        ops.set_index_checks(True)
+    assert ops.index_checks()
