@@ -1,14 +1,36 @@
-"""``dualenc bench``: not implemented yet."""
+"""``dualenc bench``: whole-step and op benchmarks, paths side by side in one run."""
 from __future__ import annotations
-
-import sys
 
 
 def register(sub):
-    p = sub.add_parser("bench", help="(not implemented yet)")
+    p = sub.add_parser(
+        "bench",
+        help="time a joint training step: reference vs plain-PyTorch peer vs fused kernels",
+        description="Times one whole joint training step (forward, backward, Adam) on the reference "
+        "path, the best plain-PyTorch path and the fused kernels, interleaved in one run, plus "
+        "transient memory (CPU) and op figures against limits measured in the same run. "
+        "Prints ratios and writes JSON that names the machine.",
+    )
+    p.add_argument("--config", default="C1", help="C1 (CPU config), P (paper scale) or tiny (default C1)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--repeats", type=int, default=5, help="timed steps per path (default 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per path first (default 1)")
+    p.add_argument("--paths", default="reference,peer,fused", help="comma-separated subset of reference,peer,fused")
+    p.add_argument("--no-memory", action="store_true", help="skip the transient-memory measurement")
+    p.add_argument("--out", default=None, help="write the JSON result here")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    print("dualenc bench is not implemented yet in this version.", file=sys.stderr)
-    return 2
+    from dualenc_fast import bench
+
+    paths = tuple(x.strip() for x in args.paths.split(",") if x.strip())
+    bad = [x for x in paths if x not in ("reference", "peer", "fused")]
+    if bad:
+        raise ValueError(f"--paths: unknown path(s) {bad}; choose from reference, peer, fused")
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    bench.run(args.config, args.device, args.dtype, args.repeats, args.warmup, paths,
+              memory=not args.no_memory, out=args.out)
+    return 0

@@ -1,9 +1,10 @@
-// CPU kernels of topk_encode: a blocked encoder GEMM (one [rows, F] block at a
-// time, never the whole [B, F]) followed by a per-row heap selection run in
-// parallel over rows; the backward is the sparse primitives only.
+// CPU kernels of topk_encode: the encoder GEMM in column tiles of F (each tile
+// ~8 MiB, never the whole [B, F]); after each tile, a per-row running heap
+// (parallel over rows) takes in bias + ReLU + selection as the epilogue. The
+// backward is the sparse primitives only.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/addmm.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/gt.h>
 #include <ATen/ops/mul.h>
@@ -31,40 +32,50 @@ inline bool ahead(const Candidate<acc_t>& a, const Candidate<acc_t>& b) {
   return a.v > b.v || (a.v == b.v && a.i < b.i);
 }
 
-// Top-k of ReLU(z[0..F)) under the tie rule, written sorted. Returns false if
-// a NaN was seen. `heap` is scratch of capacity k.
-template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-bool select_row(const scalar_t* z, int64_t F, int64_t k, scalar_t* out_v, int64_t* out_i,
-                std::vector<Candidate<acc_t>>& heap) {
-  bool finite = true;
-  auto relu = [&](scalar_t raw) {
-    const acc_t f = static_cast<acc_t>(raw);
-    if (f != f) finite = false;
-    return f > acc_t(0) ? f : acc_t(0);
-  };
-  const auto ahead_ = ahead<acc_t>;
-  heap.clear();
-  for (int64_t i = 0; i < k; ++i) heap.push_back({relu(z[i]), i});
-  // a max-heap under `ahead` keeps the weakest selected candidate at the front
-  std::make_heap(heap.begin(), heap.end(), ahead_);
-  acc_t threshold = heap.front().v;
-  for (int64_t i = k; i < F; ++i) {
-    const acc_t f = relu(z[i]);
-    // later indices lose ties, so only a strictly larger value enters
-    if (f > threshold) {
-      std::pop_heap(heap.begin(), heap.end(), ahead_);
-      heap.back() = {f, i};
-      std::push_heap(heap.begin(), heap.end(), ahead_);
-      threshold = heap.front().v;
+// Running top-k of one row across column tiles, under the tie rule. Columns
+// arrive in increasing feature index, so a later column never wins a tie.
+template <typename acc_t>
+struct RowSelector {
+  Candidate<acc_t>* heap;  // capacity k; a max-heap under `ahead`: weakest first
+  int64_t size = 0;
+  int64_t k = 0;
+
+  // Offer ReLU(z[c] + bias[c]) for features f0 + c, c in [0, n). Returns false on NaN.
+  template <typename scalar_t>
+  bool offer(const scalar_t* z, const scalar_t* bias, int64_t f0, int64_t n) {
+    bool finite = true;
+    int64_t c = 0;
+    for (; c < n && size < k; ++c) {
+      const acc_t f = static_cast<acc_t>(z[c]) + static_cast<acc_t>(bias[c]);
+      if (f != f) finite = false;
+      heap[size++] = {f > acc_t(0) ? f : acc_t(0), f0 + c};
+      if (size == k) std::make_heap(heap, heap + k, ahead<acc_t>);
+    }
+    if (c == n) return finite;
+    acc_t threshold = heap[0].v;
+    for (; c < n; ++c) {
+      acc_t f = static_cast<acc_t>(z[c]) + static_cast<acc_t>(bias[c]);
+      if (f > threshold) {  // NaN compares false: it never enters
+        std::pop_heap(heap, heap + k, ahead<acc_t>);
+        heap[k - 1] = {f, f0 + c};
+        std::push_heap(heap, heap + k, ahead<acc_t>);
+        threshold = heap[0].v;
+      } else if (f != f) {
+        finite = false;
+      }
+    }
+    return finite;
+  }
+
+  template <typename scalar_t>
+  void write(scalar_t* out_v, int64_t* out_i) {
+    std::sort(heap, heap + k, ahead<acc_t>);
+    for (int64_t j = 0; j < k; ++j) {
+      out_v[j] = static_cast<scalar_t>(heap[j].v);
+      out_i[j] = heap[j].i;
     }
   }
-  std::sort(heap.begin(), heap.end(), ahead_);
-  for (int64_t j = 0; j < k; ++j) {
-    out_v[j] = static_cast<scalar_t>(heap[j].v);
-    out_i[j] = heap[j].i;
-  }
-  return finite;
-}
+};
 
 std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x,       // [B, d]
                                                    const at::Tensor& weight,  // [F, d]
@@ -79,27 +90,37 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x,       //
   auto values = at::empty({B, k}, xe.options());
   auto indices = at::empty({B, k}, xe.options().dtype(at::kLong));
   if (B == 0) return {values, indices};
-  // one block of pre-activations (~8 MiB) at a time: it stays near the cache
-  // and nothing of size [B, F] is ever allocated
-  const int64_t rows = encode_block_rows(B, F, xe.element_size(), int64_t(8) << 20);
-  const auto Wt = W.t();
+  // Tiles of [rows, cols] pre-activations (~8 MiB): column tiles let the GEMM
+  // read each weight row once per row block, and nothing [B, F] is allocated.
+  const int64_t rows = std::min<int64_t>(B, 4096);
+  const int64_t cols = std::min<int64_t>(F, std::max<int64_t>(256, encode_block_rows(F, rows, xe.element_size(), int64_t(8) << 20)));
   std::atomic<bool> finite{true};
-  for (int64_t r0 = 0; r0 < B; r0 += rows) {
-    const int64_t nr = std::min(rows, B - r0);
-    const auto z = at::addmm(b, xe.narrow(0, r0, nr), Wt).contiguous();  // [nr, F]
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xe.scalar_type(), "topk_encode_cpu", [&] {
-      const scalar_t* zp = z.const_data_ptr<scalar_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xe.scalar_type(), "topk_encode_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<Candidate<acc_t>> heaps(static_cast<size_t>(rows * k));
+    std::vector<RowSelector<acc_t>> sel(static_cast<size_t>(rows));
+    const scalar_t* bp = b.const_data_ptr<scalar_t>();
+    for (int64_t r0 = 0; r0 < B; r0 += rows) {
+      const int64_t nr = std::min(rows, B - r0);
+      for (int64_t r = 0; r < nr; ++r) sel[r] = RowSelector<acc_t>{heaps.data() + r * k, 0, k};
+      const auto xb = xe.narrow(0, r0, nr);
+      for (int64_t f0 = 0; f0 < F; f0 += cols) {
+        const int64_t nc = std::min(cols, F - f0);
+        const auto z = at::mm(xb, W.narrow(0, f0, nc).t()).contiguous();  // [nr, nc]
+        const scalar_t* zp = z.const_data_ptr<scalar_t>();
+        at::parallel_for(0, nr, grain_for(nc, 1 << 15), [&](int64_t a, int64_t e) {
+          for (int64_t r = a; r < e; ++r) {
+            if (!sel[r].offer(zp + r * nc, bp + f0, f0, nc)) finite = false;
+          }
+        });
+      }
       scalar_t* vp = values.mutable_data_ptr<scalar_t>() + r0 * k;
       int64_t* ip = indices.mutable_data_ptr<int64_t>() + r0 * k;
-      at::parallel_for(0, nr, grain_for(F, 1 << 16), [&](int64_t a, int64_t e) {
-        std::vector<Candidate<at::opmath_type<scalar_t>>> heap;
-        heap.reserve(k);
-        for (int64_t r = a; r < e; ++r) {
-          if (!select_row<scalar_t>(zp + r * F, F, k, vp + r * k, ip + r * k, heap)) finite = false;
-        }
+      at::parallel_for(0, nr, grain_for(k * 8), [&](int64_t a, int64_t e) {
+        for (int64_t r = a; r < e; ++r) sel[r].write(vp + r * k, ip + r * k);
       });
-    });
-  }
+    }
+  });
   TORCH_CHECK_VALUE(finite.load(), "dualenc_fast: topk_encode found a NaN pre-activation: check ",
                     "the arguments 'x', 'weight' and 'bias' for NaN values");
   return {values, indices};

@@ -1,0 +1,341 @@
+"""Benchmarks: one whole joint training step (forward, backward, Adam) on three
+paths measured side by side in one run, plus op-level figures against the
+limits they are judged by.
+
+Paths
+- ``reference``: the research modules (:mod:`dualenc_fast.reference`), dense
+  [B, F] code and dense GEMMs.
+- ``peer``: the best plain-PyTorch path we know: torch.topk, then
+  ``F.embedding_bag`` (per-sample weights) for the decoder, the NFM linear
+  part and both FM pooling sums.
+- ``fused``: :mod:`dualenc_fast.ops`.
+
+Every path uses the same shapes, dropout 0.15, MSE loss and Adam (the same
+implementation flags). Steps are interleaved round-robin so that a noisy
+machine slows all paths alike; each figure is a median.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict
+
+import torch
+import torch.nn.functional as F_
+
+CONFIGS = {
+    # CPU config (KERNELS.md "C1")
+    "C1": dict(d=512, F=16384, k=64, K=128, N=64, B=1024),
+    # paper scale (KERNELS.md "P")
+    "P": dict(d=3200, F=50000, k=1024, K=300, N=512, B=4096),
+    # a seconds-long smoke configuration
+    "tiny": dict(d=64, F=1024, k=16, K=32, N=8, B=128),
+}
+
+
+@dataclass
+class Shape:
+    d: int
+    F: int
+    k: int
+    K: int
+    N: int
+    B: int
+
+
+def machine_description(device: str) -> dict:
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+    }
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    info["cpu_model"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    if device.startswith("cuda") and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["gpu"] = props.name
+        info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+# --------------------------------------------------------------------------- parameters
+def make_params(s: Shape, device, dtype, seed=0) -> Dict[str, torch.Tensor]:
+    """Row-major [F, d] weights (the layout the fused kernels gather from)."""
+    g = torch.Generator().manual_seed(seed)
+    rn = lambda *shape, std: (std * torch.randn(*shape, generator=g)).to(device, dtype)  # noqa: E731
+    w_dec = rn(s.F, s.d, std=(2.0 / s.F) ** 0.5)
+    p = {
+        "w_enc": w_dec.clone(),
+        "b_enc": torch.zeros(s.F, device=device, dtype=dtype),
+        "w_dec": w_dec,
+        "emb": rn(s.F, s.K, std=0.05),
+        "w_lin": rn(s.F, s.d, std=0.01),
+        "b_lin": torch.zeros(s.d, device=device, dtype=dtype),
+        "w1": rn(s.K, s.K, std=0.01),
+        "b1": torch.zeros(s.K, device=device, dtype=dtype),
+        "w2": rn(s.d, s.K, std=0.01),
+        "b2": torch.zeros(s.d, device=device, dtype=dtype),
+    }
+    return {n: t.requires_grad_(True) for n, t in p.items()}
+
+
+def forward_fused(p, x, s: Shape, training=True):
+    from . import ops
+
+    v, i = ops.topk_encode(x, p["w_enc"], p["b_enc"], s.k)
+    sae = ops.sparse_decode(v, i, p["w_dec"])
+    vn, i_n = ops.topn_reselect(v, i, s.N) if s.N < s.k else (v, i)
+    lin = ops.sparse_decode(vn, i_n, p["w_lin"], p["b_lin"])
+    inter = ops.integration_mlp(ops.fm_interaction(vn, i_n, p["emb"]), p["w1"], p["b1"], p["w2"], p["b2"], 0.15, training)
+    return sae + lin + inter
+
+
+def forward_peer(p, x, s: Shape, training=True):
+    z = F_.relu(torch.addmm(p["b_enc"], x, p["w_enc"].T))
+    v, i = torch.topk(z, s.k, dim=1)
+    sae = F_.embedding_bag(i, p["w_dec"], per_sample_weights=v, mode="sum")
+    if s.N < s.k:
+        vn, pos = torch.topk(v, s.N, dim=1)
+        i_n = torch.gather(i, 1, pos)
+    else:
+        vn, i_n = v, i
+    lin = F_.embedding_bag(i_n, p["w_lin"], per_sample_weights=vn, mode="sum") + p["b_lin"]
+    emb = p["emb"]
+    sv = F_.embedding_bag(i_n, emb, per_sample_weights=vn, mode="sum")
+    q = F_.embedding_bag(i_n, emb * emb, per_sample_weights=vn * vn, mode="sum")
+    pooled = F_.dropout(0.5 * (sv * sv - q), 0.15, training)
+    inter = F_.linear(F_.relu(F_.linear(pooled, p["w1"], p["b1"])), p["w2"], p["b2"])
+    return sae + lin + inter
+
+
+def reference_model(s: Shape, device, dtype):
+    from .reference import JointSAENFM
+
+    torch.manual_seed(0)
+    model = JointSAENFM(s.d, s.F, s.k, s.K, top_n=s.N if s.N < s.k else None, dropout=0.15)
+    return model.to(device, dtype).train()
+
+
+def make_adam(params):
+    kwargs = dict(lr=1e-4, betas=(0.9, 0.999))
+    try:
+        return torch.optim.Adam(params, fused=True, **kwargs)
+    except (RuntimeError, TypeError):
+        return torch.optim.Adam(params, foreach=True, **kwargs)
+
+
+def build_step(path: str, s: Shape, device, dtype) -> Callable[[torch.Tensor], float]:
+    """A closure running one whole training step on a batch; returns the loss."""
+    if path == "reference":
+        model = reference_model(s, device, dtype)
+        params = list(model.parameters())
+        fwd = lambda x: model(x)[0]  # noqa: E731
+    else:
+        pd = make_params(s, device, dtype)
+        params = list(pd.values())
+        f = forward_fused if path == "fused" else forward_peer
+        fwd = lambda x: f(pd, x, s)  # noqa: E731
+    opt = make_adam(params)
+
+    def step(x):
+        opt.zero_grad(set_to_none=True)
+        loss = F_.mse_loss(fwd(x), x)
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+
+    step.params = params  # type: ignore[attr-defined]
+    step.forward = fwd  # type: ignore[attr-defined]
+    return step
+
+
+def _sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_paths(steps: Dict[str, Callable], x, device, repeats: int, warmup: int) -> Dict[str, list]:
+    for _ in range(warmup):
+        for fn in steps.values():
+            fn(x)
+    _sync(device)
+    times = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, fn in steps.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn(x)
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+# --------------------------------------------------------------------------- memory
+def _rss_bytes(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def transient_memory_worker(path: str, shape: dict, dtype: str) -> dict:
+    """Run in a fresh process: peak RSS of one forward+backward minus the RSS
+    with parameters, their gradients and the batch already allocated."""
+    s = Shape(**shape)
+    dt = getattr(torch, dtype)
+    torch.manual_seed(0)
+    step = build_step(path, s, "cpu", dt)
+    x = torch.randn(s.B, s.d, dtype=dt)
+    for p in step.params:
+        p.grad = torch.zeros_like(p)
+    # one warm-up pass so one-time allocations (thread pools, caches) are counted out
+    step.forward(x).pow(2).mean().backward()
+    for p in step.params:
+        p.grad.zero_()
+    base = _rss_bytes("VmRSS")
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")  # reset the peak (VmHWM) to the current RSS
+    loss = F_.mse_loss(step.forward(x), x)
+    loss.backward()
+    peak = _rss_bytes("VmHWM")
+    param_bytes = sum(p.numel() * p.element_size() for p in step.params)
+    return {"transient_bytes": max(0, peak - base), "param_bytes": param_bytes}
+
+
+def transient_memory(path: str, s: Shape, dtype: str = "float32") -> dict:
+    env = dict(os.environ)
+    # large blocks from mmap and straight back on free, so RSS follows live memory
+    env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    code = (
+        "import json,sys; from dualenc_fast.bench import transient_memory_worker as w; "
+        f"print(json.dumps(w({path!r}, {asdict(s)!r}, {dtype!r})))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------- op-level
+def op_figures(s: Shape, device, dtype, repeats: int) -> dict:
+    """sparse_decode against the device-copy bandwidth; topk_encode against a
+    bare GEMM of the same shape; both measured here, in this run."""
+    from . import ops
+
+    p = make_params(s, device, dtype)
+    x = torch.randn(s.B, s.d, device=device, dtype=dtype)
+    with torch.no_grad():
+        v, i = ops.topk_encode(x, p["w_enc"], p["b_enc"], s.k)
+        w = p["w_dec"].detach()
+        wt = p["w_enc"].detach().T
+        big = torch.empty(256 * 2**20 // 4 if device != "cpu" else 64 * 2**20 // 4, device=device)
+        big2 = torch.empty_like(big)
+        cases = {
+            "sparse_decode": lambda: ops.sparse_decode(v, i, w),
+            "topk_encode": lambda: ops.topk_encode(x, p["w_enc"].detach(), p["b_enc"].detach(), s.k),
+            "bare_gemm": lambda: torch.mm(x, wt),
+            "device_copy": lambda: big2.copy_(big),
+        }
+        times = {n: [] for n in cases}
+        for fn in cases.values():
+            fn()
+        for _ in range(repeats):
+            for n, fn in cases.items():
+                _sync(device)
+                t0 = time.perf_counter()
+                fn()
+                _sync(device)
+                times[n].append(time.perf_counter() - t0)
+    med = {n: statistics.median(t) for n, t in times.items()}
+    elt = torch.empty(0, dtype=dtype).element_size()
+    # bytes a gather must move at least: the selected rows, codes and the output
+    gather_bytes = s.B * s.k * s.d * elt + s.B * s.k * (elt + 8) + s.B * s.d * elt
+    copy_bw = 2 * big.numel() * 4 / med["device_copy"]
+    decode_bw = gather_bytes / med["sparse_decode"]
+    return {
+        "sparse_decode_s": med["sparse_decode"],
+        "sparse_decode_bytes_per_s": decode_bw,
+        "device_copy_bytes_per_s": copy_bw,
+        "sparse_decode_fraction_of_copy_bandwidth": decode_bw / copy_bw,
+        "topk_encode_s": med["topk_encode"],
+        "bare_gemm_s": med["bare_gemm"],
+        "topk_encode_over_bare_gemm": med["topk_encode"] / med["bare_gemm"],
+    }
+
+
+# --------------------------------------------------------------------------- driver
+def run(config: str = "C1", device: str = "cpu", dtype: str = "float32", repeats: int = 5, warmup: int = 1,
+        paths=("reference", "peer", "fused"), memory: bool = True, out: str | None = None, log=print) -> dict:
+    if config not in CONFIGS:
+        raise ValueError(f"unknown config {config!r}; choose one of {sorted(CONFIGS)}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' asked for but torch.cuda.is_available() is False")
+    s = Shape(**CONFIGS[config])
+    dt = getattr(torch, dtype)
+    log(f"config {config}: {asdict(s)}  device={device} dtype={dtype} repeats={repeats}")
+    torch.manual_seed(0)
+    x = torch.randn(s.B, s.d, device=device, dtype=dt)
+    steps = {name: build_step(name, s, device, dt) for name in paths}
+    times = time_paths(steps, x, device, repeats, warmup)
+    med = {n: statistics.median(t) for n, t in times.items()}
+    result = {
+        "config": config,
+        "shape": asdict(s),
+        "device": device,
+        "dtype": dtype,
+        "repeats": repeats,
+        "machine": machine_description(device),
+        "step_seconds": {n: {"median": med[n], "all": times[n]} for n in times},
+    }
+    ratios = {}
+    if "fused" in med:
+        for other in med:
+            if other != "fused":
+                ratios[f"fused_vs_{other}"] = med[other] / med["fused"]
+    result["speedup"] = ratios
+    log("whole training step (forward + backward + Adam), median seconds:")
+    for n in med:
+        log(f"  {n:<10} {med[n]:.4f} s")
+    for n, r in ratios.items():
+        log(f"  {n:<22} {r:.2f}x")
+    if memory and device == "cpu":
+        mem = {n: transient_memory(n, s, dtype) for n in paths}
+        result["transient_memory_bytes"] = {n: m["transient_bytes"] for n, m in mem.items()}
+        log("transient memory of forward + backward (peak RSS minus params, grads and batch):")
+        for n, m in mem.items():
+            log(f"  {n:<10} {m['transient_bytes'] / 2**20:8.1f} MiB")
+        if "fused" in mem and "reference" in mem and mem["reference"]["transient_bytes"] > 0:
+            frac = mem["fused"]["transient_bytes"] / mem["reference"]["transient_bytes"]
+            result["transient_memory_fused_over_reference"] = frac
+            log(f"  fused / reference      {frac:.3f}")
+    if "fused" in paths:
+        figs = op_figures(s, device, dt, repeats=max(3, repeats))
+        result["ops"] = figs
+        log("op figures (limits measured in this run):")
+        log(f"  sparse_decode {figs['sparse_decode_s'] * 1e3:.3f} ms = "
+            f"{figs['sparse_decode_fraction_of_copy_bandwidth']:.2f} x device-copy bandwidth "
+            f"({figs['device_copy_bytes_per_s'] / 1e9:.1f} GB/s)")
+        log(f"  topk_encode {figs['topk_encode_s'] * 1e3:.3f} ms = "
+            f"{figs['topk_encode_over_bare_gemm']:.2f} x a bare GEMM of the same shape "
+            f"({figs['bare_gemm_s'] * 1e3:.3f} ms)")
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as fh:
+            json.dump(result, fh, indent=2)
+        log(f"wrote {out}")
+    return result
