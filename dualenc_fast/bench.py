@@ -8,7 +8,9 @@ Paths
 - ``peer``: the best plain-PyTorch path we know: torch.topk, then
   ``F.embedding_bag`` (per-sample weights) for the decoder, the NFM linear
   part and both FM pooling sums.
-- ``fused``: :mod:`dualenc_fast.ops`.
+- ``fused``: :mod:`dualenc_fast.ops` called directly.
+- ``module``: the drop-in :class:`dualenc_fast.JointSAENFM` (``backend="fused"``)
+  through ``forward_sparse``, i.e. what the trainers run.
 
 Every path uses the same shapes, dropout 0.15, MSE loss and Adam (the same
 implementation flags). Steps are interleaved round-robin so that a noisy
@@ -146,6 +148,14 @@ def build_step(path: str, s: Shape, device, dtype) -> Callable[[torch.Tensor], f
         model = reference_model(s, device, dtype)
         params = list(model.parameters())
         fwd = lambda x: model(x)[0]  # noqa: E731
+    elif path == "module":
+        from .modules import JointSAENFM
+
+        torch.manual_seed(0)
+        model = JointSAENFM(s.d, s.F, s.k, s.K, top_n=s.N if s.N < s.k else None, dropout=0.15, backend="fused")
+        model = model.to(device, dtype).train()
+        params = list(model.parameters())
+        fwd = lambda x: model.forward_sparse(x).recon  # noqa: E731
     else:
         pd = make_params(s, device, dtype)
         params = list(pd.values())
@@ -280,7 +290,7 @@ def op_figures(s: Shape, device, dtype, repeats: int) -> dict:
 
 # --------------------------------------------------------------------------- driver
 def run(config: str = "C1", device: str = "cpu", dtype: str = "float32", repeats: int = 5, warmup: int = 1,
-        paths=("reference", "peer", "fused"), memory: bool = True, out: str | None = None, log=print) -> dict:
+        paths=("reference", "peer", "fused", "module"), memory: bool = True, out: str | None = None, log=print) -> dict:
     if config not in CONFIGS:
         raise ValueError(f"unknown config {config!r}; choose one of {sorted(CONFIGS)}")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -303,10 +313,11 @@ def run(config: str = "C1", device: str = "cpu", dtype: str = "float32", repeats
         "step_seconds": {n: {"median": med[n], "all": times[n]} for n in times},
     }
     ratios = {}
-    if "fused" in med:
-        for other in med:
-            if other != "fused":
-                ratios[f"fused_vs_{other}"] = med[other] / med["fused"]
+    for fast in ("fused", "module"):
+        if fast in med:
+            for other in ("reference", "peer"):
+                if other in med:
+                    ratios[f"{fast}_vs_{other}"] = med[other] / med[fast]
     result["speedup"] = ratios
     log("whole training step (forward + backward + Adam), median seconds:")
     for n in med:

@@ -16,7 +16,8 @@ def register(sub):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--repeats", type=int, default=5, help="timed steps per path (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per path first (default 1)")
-    p.add_argument("--paths", default="reference,peer,fused", help="comma-separated subset of reference,peer,fused")
+    p.add_argument("--paths", default="reference,peer,fused,module",
+                   help="comma-separated subset of reference,peer,fused,module (default: all four)")
     p.add_argument("--no-memory", action="store_true", help="skip the transient-memory measurement")
     p.add_argument("--out", default=None, help="write the JSON result here")
     p.set_defaults(func=run)
@@ -26,9 +27,10 @@ def run(args) -> int:
     from dualenc_fast import bench
 
     paths = tuple(x.strip() for x in args.paths.split(",") if x.strip())
-    bad = [x for x in paths if x not in ("reference", "peer", "fused")]
+    known = ("reference", "peer", "fused", "module")
+    bad = [x for x in paths if x not in known]
     if bad:
-        raise ValueError(f"--paths: unknown path(s) {bad}; choose from reference, peer, fused")
+        raise ValueError(f"--paths: unknown path(s) {bad}; choose from {', '.join(known)}")
     if args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
     bench.run(args.config, args.device, args.dtype, args.repeats, args.warmup, paths,

@@ -14,15 +14,88 @@
 namespace dualenc_fast::cpu {
 namespace {
 
-// s[c] = sum_j v_j E[i_j, c] for row b, into acc [K].
+template <typename scalar_t>
+DUALENC_SIMD void fm_forward_rows(const scalar_t* vp, const int64_t* ip, const scalar_t* Ep, scalar_t* op,
+                                  int64_t b0, int64_t b1, int64_t k, int64_t K) {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::vector<acc_t> sbuf(K), qbuf(K);
+  acc_t* __restrict__ s = sbuf.data();
+  acc_t* __restrict__ q = qbuf.data();
+  for (int64_t b = b0; b < b1; ++b) {
+    for (int64_t c = 0; c < K; ++c) s[c] = q[c] = 0;
+    for (int64_t j = 0; j < k; ++j) {
+      const acc_t vj = static_cast<acc_t>(vp[b * k + j]);
+      const scalar_t* __restrict__ e = Ep + ip[b * k + j] * K;
+      for (int64_t c = 0; c < K; ++c) {
+        const acc_t t = vj * static_cast<acc_t>(e[c]);
+        s[c] += t;
+        q[c] += t * t;
+      }
+    }
+    for (int64_t c = 0; c < K; ++c) op[b * K + c] = static_cast<scalar_t>(acc_t(0.5) * (s[c] * s[c] - q[c]));
+  }
+}
+
+// Per row: s = sum_j v_j E[i_j] into S, then dv_j = <g, E[i_j] * (s - v_j E[i_j])>.
 template <typename scalar_t, typename acc_t>
-inline void pooled_sum(const scalar_t* v, const int64_t* idx, const scalar_t* E, int64_t k,
-                       int64_t K, acc_t* s) {
-  for (int64_t c = 0; c < K; ++c) s[c] = 0;
-  for (int64_t j = 0; j < k; ++j) {
-    const acc_t vj = static_cast<acc_t>(v[j]);
-    const scalar_t* e = E + idx[j] * K;
-    for (int64_t c = 0; c < K; ++c) s[c] += vj * static_cast<acc_t>(e[c]);
+DUALENC_SIMD void fm_backward_rows(const scalar_t* gp, const scalar_t* vp, const int64_t* ip,
+                                   const scalar_t* Ep, acc_t* S, scalar_t* dv, int64_t b0, int64_t b1,
+                                   int64_t k, int64_t K) {
+  std::vector<acc_t> gbuf(K);
+  acc_t* __restrict__ gb = gbuf.data();
+  for (int64_t b = b0; b < b1; ++b) {
+    acc_t* __restrict__ s = S + b * K;
+    for (int64_t c = 0; c < K; ++c) s[c] = 0;
+    for (int64_t j = 0; j < k; ++j) {
+      axpy<scalar_t, acc_t>(s, static_cast<acc_t>(vp[b * k + j]), Ep + ip[b * k + j] * K, K);
+    }
+    if (!dv) continue;
+    for (int64_t c = 0; c < K; ++c) gb[c] = static_cast<acc_t>(gp[b * K + c]);
+    for (int64_t j = 0; j < k; ++j) {
+      const acc_t vj = static_cast<acc_t>(vp[b * k + j]);
+      const scalar_t* __restrict__ e = Ep + ip[b * k + j] * K;
+      // <g, e * s> - v_j <g, e * e>, with independent partial sums
+      constexpr int L = 8;
+      acc_t part[L] = {};
+      int64_t c = 0;
+      for (; c + L <= K; c += L) {
+        for (int l = 0; l < L; ++l) {
+          const acc_t ec = static_cast<acc_t>(e[c + l]);
+          part[l] += gb[c + l] * ec * (s[c + l] - vj * ec);
+        }
+      }
+      acc_t acc = 0;
+      for (; c < K; ++c) {
+        const acc_t ec = static_cast<acc_t>(e[c]);
+        acc += gb[c] * ec * (s[c] - vj * ec);
+      }
+      for (int l = 0; l < L; ++l) acc += part[l];
+      dv[b * k + j] = static_cast<scalar_t>(acc);
+    }
+  }
+}
+
+// dE[i] = sum over the pairs of feature i of v * g[b] * (S[b] - v * E[i]).
+template <typename scalar_t, typename acc_t>
+DUALENC_SIMD void fm_backward_features(const FeatureCsr& csr, const scalar_t* gp, const scalar_t* vp,
+                                       const scalar_t* Ep, const acc_t* S, scalar_t* dE, int64_t i0,
+                                       int64_t i1, int64_t k, int64_t K) {
+  std::vector<acc_t> buf(K);
+  acc_t* __restrict__ acc = buf.data();
+  for (int64_t i = i0; i < i1; ++i) {
+    for (int64_t c = 0; c < K; ++c) acc[c] = 0;
+    const scalar_t* __restrict__ e = Ep + i * K;
+    for (int64_t q = csr.rowptr[i]; q < csr.rowptr[i + 1]; ++q) {
+      const int64_t p = csr.pairs[q];
+      const int64_t b = p / k;
+      const acc_t vj = static_cast<acc_t>(vp[p]);
+      const scalar_t* __restrict__ gb = gp + b * K;
+      const acc_t* __restrict__ s = S + b * K;
+      for (int64_t c = 0; c < K; ++c) {
+        acc[c] += vj * static_cast<acc_t>(gb[c]) * (s[c] - vj * static_cast<acc_t>(e[c]));
+      }
+    }
+    store<scalar_t, acc_t>(dE + i * K, acc, K);
   }
 }
 
@@ -43,21 +116,7 @@ at::Tensor fm_interaction_cpu(const at::Tensor& values,      // [B, k]
     const scalar_t* Ep = E.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, B, grain_for(k * K), [&](int64_t b0, int64_t b1) {
-      std::vector<acc_t> s(K), q(K);
-      for (int64_t b = b0; b < b1; ++b) {
-        std::fill(s.begin(), s.end(), acc_t(0));
-        std::fill(q.begin(), q.end(), acc_t(0));
-        for (int64_t j = 0; j < k; ++j) {
-          const acc_t vj = static_cast<acc_t>(vp[b * k + j]);
-          const scalar_t* e = Ep + ip[b * k + j] * K;
-          for (int64_t c = 0; c < K; ++c) {
-            const acc_t t = vj * static_cast<acc_t>(e[c]);
-            s[c] += t;
-            q[c] += t * t;
-          }
-        }
-        for (int64_t c = 0; c < K; ++c) op[b * K + c] = static_cast<scalar_t>(acc_t(0.5) * (s[c] * s[c] - q[c]));
-      }
+      fm_forward_rows<scalar_t>(vp, ip, Ep, op, b0, b1, k, K);
     });
   });
   return out;
@@ -86,45 +145,15 @@ std::tuple<at::Tensor, at::Tensor> fm_interaction_backward_cpu(
     const scalar_t* Ep = E.const_data_ptr<scalar_t>();
     // s per row, kept for the grouped dE pass
     std::vector<acc_t> S(static_cast<size_t>(B * K));
+    scalar_t* dv = need_values_grad ? grad_v.mutable_data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, B, grain_for(k * K), [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        acc_t* s = S.data() + b * K;
-        pooled_sum<scalar_t, acc_t>(vp + b * k, ip + b * k, Ep, k, K, s);
-        if (!need_values_grad) continue;
-        const scalar_t* gb = gp + b * K;
-        scalar_t* dv = grad_v.mutable_data_ptr<scalar_t>() + b * k;
-        for (int64_t j = 0; j < k; ++j) {
-          const acc_t vj = static_cast<acc_t>(vp[b * k + j]);
-          const scalar_t* e = Ep + ip[b * k + j] * K;
-          acc_t acc = 0;
-          for (int64_t c = 0; c < K; ++c) {
-            const acc_t ec = static_cast<acc_t>(e[c]);
-            acc += static_cast<acc_t>(gb[c]) * ec * (s[c] - vj * ec);
-          }
-          dv[j] = static_cast<scalar_t>(acc);
-        }
-      }
+      fm_backward_rows<scalar_t, acc_t>(gp, vp, ip, Ep, S.data(), dv, b0, b1, k, K);
     });
     if (need_embeddings_grad) {
       const FeatureCsr csr(ip, B * k, F);
       scalar_t* dE = grad_E.mutable_data_ptr<scalar_t>();
       at::parallel_for(0, F, grain_for(K * 4), [&](int64_t i0, int64_t i1) {
-        std::vector<acc_t> acc(K);
-        for (int64_t i = i0; i < i1; ++i) {
-          std::fill(acc.begin(), acc.end(), acc_t(0));
-          const scalar_t* e = Ep + i * K;
-          for (int64_t q = csr.rowptr[i]; q < csr.rowptr[i + 1]; ++q) {
-            const int64_t p = csr.pairs[q];
-            const int64_t b = p / k;
-            const acc_t vj = static_cast<acc_t>(vp[p]);
-            const scalar_t* gb = gp + b * K;
-            const acc_t* s = S.data() + b * K;
-            for (int64_t c = 0; c < K; ++c) {
-              acc[c] += vj * static_cast<acc_t>(gb[c]) * (s[c] - vj * static_cast<acc_t>(e[c]));
-            }
-          }
-          for (int64_t c = 0; c < K; ++c) dE[i * K + c] = static_cast<scalar_t>(acc[c]);
-        }
+        fm_backward_features<scalar_t, acc_t>(csr, gp, vp, Ep, S.data(), dE, i0, i1, k, K);
       });
     }
   });

@@ -16,9 +16,73 @@
 
 namespace dualenc_fast::cpu {
 
+// Hot loops are compiled twice, for x86-64-v3 (AVX2 + FMA) and the baseline,
+// and the loader picks the one the running CPU supports.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
+#define DUALENC_SIMD __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define DUALENC_SIMD
+#endif
+
+// How many gathered rows ahead to prefetch.
+constexpr int64_t kPrefetchDistance = 4;
+
 // Rows per parallel task so that each task does roughly `work` multiply-adds.
 inline int64_t grain_for(int64_t per_row, int64_t work = 1 << 15) {
   return std::max<int64_t>(1, work / std::max<int64_t>(1, per_row));
+}
+
+// acc[0..n) += v * w[0..n)
+template <typename scalar_t, typename acc_t>
+inline void axpy(acc_t* __restrict__ acc, acc_t v, const scalar_t* __restrict__ w, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) acc[c] += v * static_cast<acc_t>(w[c]);
+}
+
+// <a, b> with independent partial sums, so the loop vectorises.
+template <typename scalar_t, typename acc_t>
+inline acc_t dot(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, int64_t n) {
+  constexpr int L = 16;
+  acc_t part[L] = {};
+  int64_t c = 0;
+  for (; c + L <= n; c += L) {
+    for (int l = 0; l < L; ++l) part[l] += static_cast<acc_t>(a[c + l]) * static_cast<acc_t>(b[c + l]);
+  }
+  acc_t s = 0;
+  for (; c < n; ++c) s += static_cast<acc_t>(a[c]) * static_cast<acc_t>(b[c]);
+  for (int l = 0; l < L; ++l) s += part[l];
+  return s;
+}
+
+// Ask for a row that will be read soon (random weight rows defeat the
+// hardware prefetcher at their start).
+template <typename scalar_t>
+inline void prefetch_row(const scalar_t* row, int64_t n) {
+  const char* p = reinterpret_cast<const char*>(row);
+  const int64_t bytes = n * static_cast<int64_t>(sizeof(scalar_t));
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off);
+}
+
+template <typename scalar_t, typename acc_t>
+inline void store(scalar_t* __restrict__ out, const acc_t* __restrict__ acc, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) out[c] = static_cast<scalar_t>(acc[c]);
+}
+
+template <typename scalar_t>
+DUALENC_SIMD void gather_sum_rows(const scalar_t* coef, const int64_t* idx, const scalar_t* W,
+                                  const scalar_t* bias, scalar_t* out, int64_t b0, int64_t b1,
+                                  int64_t k, int64_t d) {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::vector<acc_t> buf(d);
+  acc_t* acc = buf.data();
+  for (int64_t b = b0; b < b1; ++b) {
+    for (int64_t c = 0; c < d; ++c) acc[c] = bias ? static_cast<acc_t>(bias[c]) : acc_t(0);
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t ahead = b * k + j + kPrefetchDistance;
+      if (ahead < b1 * k) prefetch_row(W + idx[ahead] * d, d);
+      axpy<scalar_t, acc_t>(acc, static_cast<acc_t>(coef[b * k + j]), W + idx[b * k + j] * d, d);
+    }
+    store<scalar_t, acc_t>(out + b * d, acc, d);
+  }
 }
 
 template <typename scalar_t>
@@ -28,25 +92,22 @@ void gather_sum(const scalar_t* coef,   // [B, k]
                 const scalar_t* bias,   // [d] or nullptr
                 scalar_t* out,          // [B, d]
                 int64_t B, int64_t k, int64_t d) {
-  using acc_t = at::opmath_type<scalar_t>;
   at::parallel_for(0, B, grain_for(k * d), [&](int64_t b0, int64_t b1) {
-    std::vector<acc_t> acc(d);
-    for (int64_t b = b0; b < b1; ++b) {
-      if (bias) {
-        for (int64_t c = 0; c < d; ++c) acc[c] = static_cast<acc_t>(bias[c]);
-      } else {
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-      }
-      for (int64_t j = 0; j < k; ++j) {
-        const acc_t v = static_cast<acc_t>(coef[b * k + j]);
-        const scalar_t* w = W + idx[b * k + j] * d;
-        acc_t* a = acc.data();
-        for (int64_t c = 0; c < d; ++c) a[c] += v * static_cast<acc_t>(w[c]);
-      }
-      scalar_t* o = out + b * d;
-      for (int64_t c = 0; c < d; ++c) o[c] = static_cast<scalar_t>(acc[c]);
-    }
+    gather_sum_rows<scalar_t>(coef, idx, W, bias, out, b0, b1, k, d);
   });
+}
+
+template <typename scalar_t>
+DUALENC_SIMD void row_dot_rows(const scalar_t* g, const int64_t* idx, const scalar_t* W, scalar_t* out,
+                               int64_t b0, int64_t b1, int64_t k, int64_t d) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t b = b0; b < b1; ++b) {
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t ahead = b * k + j + kPrefetchDistance;
+      if (ahead < b1 * k) prefetch_row(W + idx[ahead] * d, d);
+      out[b * k + j] = static_cast<scalar_t>(dot<scalar_t, acc_t>(g + b * d, W + idx[b * k + j] * d, d));
+    }
+  }
 }
 
 template <typename scalar_t>
@@ -55,17 +116,8 @@ void row_dot(const scalar_t* g,     // [B, d]
              const scalar_t* W,     // [F, d]
              scalar_t* out,         // [B, k]
              int64_t B, int64_t k, int64_t d) {
-  using acc_t = at::opmath_type<scalar_t>;
   at::parallel_for(0, B, grain_for(k * d), [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const scalar_t* gb = g + b * d;
-      for (int64_t j = 0; j < k; ++j) {
-        const scalar_t* w = W + idx[b * k + j] * d;
-        acc_t s = 0;
-        for (int64_t c = 0; c < d; ++c) s += static_cast<acc_t>(gb[c]) * static_cast<acc_t>(w[c]);
-        out[b * k + j] = static_cast<scalar_t>(s);
-      }
-    }
+    row_dot_rows<scalar_t>(g, idx, W, out, b0, b1, k, d);
   });
 }
 
@@ -85,6 +137,27 @@ struct FeatureCsr {
   int64_t num_rows() const { return static_cast<int64_t>(rowptr.size()) - 1; }
 };
 
+template <typename scalar_t>
+DUALENC_SIMD void scatter_rows_range(const FeatureCsr& csr, const scalar_t* coef, const scalar_t* y,
+                                     scalar_t* dW, scalar_t* dsum, int64_t i0, int64_t i1, int64_t k,
+                                     int64_t d) {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::vector<acc_t> buf(d);
+  acc_t* acc = buf.data();
+  for (int64_t i = i0; i < i1; ++i) {
+    for (int64_t c = 0; c < d; ++c) acc[c] = 0;
+    acc_t total = 0;
+    for (int64_t q = csr.rowptr[i]; q < csr.rowptr[i + 1]; ++q) {
+      const int64_t p = csr.pairs[q];
+      const acc_t v = static_cast<acc_t>(coef[p]);
+      total += v;
+      axpy<scalar_t, acc_t>(acc, v, y + (p / k) * d, d);
+    }
+    store<scalar_t, acc_t>(dW + i * d, acc, d);
+    if (dsum) dsum[i] = static_cast<scalar_t>(total);
+  }
+}
+
 // dW[i] = sum_{p in csr[i]} coef[p] * y[p / k]; optionally dsum[i] = sum coef[p].
 // Writes every row of dW (zeros for features no pair selected).
 template <typename scalar_t>
@@ -94,25 +167,8 @@ void scatter_rows(const FeatureCsr& csr,
                   scalar_t* dW,          // [F, d]
                   scalar_t* dsum,        // [F] or nullptr
                   int64_t k, int64_t d) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t F = csr.num_rows();
-  at::parallel_for(0, F, grain_for(d * 4), [&](int64_t i0, int64_t i1) {
-    std::vector<acc_t> acc(d);
-    for (int64_t i = i0; i < i1; ++i) {
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      acc_t total = 0;
-      for (int64_t q = csr.rowptr[i]; q < csr.rowptr[i + 1]; ++q) {
-        const int64_t p = csr.pairs[q];
-        const acc_t v = static_cast<acc_t>(coef[p]);
-        total += v;
-        const scalar_t* yb = y + (p / k) * d;
-        acc_t* a = acc.data();
-        for (int64_t c = 0; c < d; ++c) a[c] += v * static_cast<acc_t>(yb[c]);
-      }
-      scalar_t* o = dW + i * d;
-      for (int64_t c = 0; c < d; ++c) o[c] = static_cast<scalar_t>(acc[c]);
-      if (dsum) dsum[i] = static_cast<scalar_t>(total);
-    }
+  at::parallel_for(0, csr.num_rows(), grain_for(d * 4), [&](int64_t i0, int64_t i1) {
+    scatter_rows_range<scalar_t>(csr, coef, y, dW, dsum, i0, i1, k, d);
   });
 }
 
