@@ -9,6 +9,7 @@
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -128,6 +129,8 @@ struct FeatureCsr {
   std::vector<int64_t> rowptr;  // [F + 1]
   std::vector<int64_t> pairs;   // [B * k]
 
+  FeatureCsr(const at::Tensor& idx, int64_t F)  // idx contiguous int64
+      : FeatureCsr(idx.const_data_ptr<int64_t>(), idx.numel(), F) {}
   FeatureCsr(const int64_t* idx, int64_t n_pairs, int64_t F) : rowptr(F + 1, 0), pairs(n_pairs) {
     for (int64_t p = 0; p < n_pairs; ++p) ++rowptr[idx[p] + 1];
     for (int64_t i = 0; i < F; ++i) rowptr[i + 1] += rowptr[i];
@@ -166,10 +169,29 @@ void scatter_rows(const FeatureCsr& csr,
                   const scalar_t* y,     // [B, d]
                   scalar_t* dW,          // [F, d]
                   scalar_t* dsum,        // [F] or nullptr
-                  int64_t k, int64_t d) {
+                  int64_t /*F: csr.num_rows()*/, int64_t k, int64_t d) {
   at::parallel_for(0, csr.num_rows(), grain_for(d * 4), [&](int64_t i0, int64_t i1) {
     scatter_rows_range<scalar_t>(csr, coef, y, dW, dsum, i0, i1, k, d);
   });
 }
+
+// The primitive set the shared host code (ops/sparse_impl.h) runs on.
+struct Prims {
+  using Csr = FeatureCsr;
+  template <typename T>
+  static void gather_sum(const T* coef, const int64_t* idx, const T* W, const T* bias, T* out, int64_t B,
+                         int64_t k, int64_t d) {
+    cpu::gather_sum<T>(coef, idx, W, bias, out, B, k, d);
+  }
+  template <typename T>
+  static void row_dot(const T* g, const int64_t* idx, const T* W, T* out, int64_t B, int64_t k, int64_t d) {
+    cpu::row_dot<T>(g, idx, W, out, B, k, d);
+  }
+  template <typename T>
+  static void scatter_rows(const Csr& csr, const T* coef, const T* y, T* dW, T* dsum, int64_t F, int64_t k,
+                           int64_t d) {
+    cpu::scatter_rows<T>(csr, coef, y, dW, dsum, F, k, d);
+  }
+};
 
 }  // namespace dualenc_fast::cpu

@@ -6,8 +6,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/gt.h>
-#include <ATen/ops/mul.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -16,6 +14,7 @@
 
 #include "checks.h"
 #include "ops/cpu/primitives.h"
+#include "ops/sparse_impl.h"
 #include "ops/topk_encode.h"
 
 namespace dualenc_fast::cpu {
@@ -126,45 +125,10 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x,       //
   return {values, indices};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_backward_cpu(
-    const at::Tensor& grad_values,  // [B, k]
-    const at::Tensor& values,       // [B, k]
-    const at::Tensor& indices,      // [B, k] int64
-    const at::Tensor& x,            // [B, d]
-    const at::Tensor& weight,       // [F, d]
-    const std::optional<at::Tensor>& pre_bias,  // [d] or None
-    bool need_x_grad, bool need_weight_grad) {
-  check_topk_encode_backward_args(grad_values, values, indices, x, weight, pre_bias);
-  const auto v = values.contiguous();
-  const auto idx = indices.contiguous();
-  const auto W = weight.contiguous();
-  const int64_t B = v.size(0), k = v.size(1), F = W.size(0), d = W.size(1);
-  // a selected value that ReLU clamped to zero passes no gradient
-  const auto g = at::mul(grad_values, v.gt(0)).contiguous();
-  auto grad_x = need_x_grad ? at::empty({B, d}, v.options()) : at::empty({0}, v.options());
-  auto grad_w = need_weight_grad ? at::empty({F, d}, v.options()) : at::empty({0}, v.options());
-  auto grad_b = need_weight_grad ? at::empty({F}, v.options()) : at::empty({0}, v.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "topk_encode_backward_cpu", [&] {
-    if (need_x_grad) {
-      gather_sum<scalar_t>(g.const_data_ptr<scalar_t>(), idx.const_data_ptr<int64_t>(),
-                           W.const_data_ptr<scalar_t>(), nullptr,
-                           grad_x.mutable_data_ptr<scalar_t>(), B, k, d);
-    }
-    if (need_weight_grad) {
-      const auto xe = centered_input(x, pre_bias);
-      const FeatureCsr csr(idx.const_data_ptr<int64_t>(), B * k, F);
-      scatter_rows<scalar_t>(csr, g.const_data_ptr<scalar_t>(), xe.const_data_ptr<scalar_t>(),
-                             grad_w.mutable_data_ptr<scalar_t>(), grad_b.mutable_data_ptr<scalar_t>(),
-                             k, d);
-    }
-  });
-  return {grad_x, grad_w, grad_b};
-}
-
 }  // namespace
 }  // namespace dualenc_fast::cpu
 
 TORCH_LIBRARY_IMPL(dualenc_fast, CPU, m) {
   m.impl("topk_encode", &dualenc_fast::cpu::topk_encode_cpu);
-  m.impl("topk_encode_backward", &dualenc_fast::cpu::topk_encode_backward_cpu);
+  m.impl("topk_encode_backward", &dualenc_fast::topk_encode_backward_impl<dualenc_fast::cpu::Prims>);
 }

@@ -156,4 +156,23 @@ void scatter_rows(const FeatureCsr& csr, const scalar_t* coef, const scalar_t* y
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The primitive set the shared host code (ops/sparse_impl.h) runs on.
+struct Prims {
+  using Csr = FeatureCsr;
+  template <typename T>
+  static void gather_sum(const T* coef, const int64_t* idx, const T* W, const T* bias, T* out, int64_t B,
+                         int64_t k, int64_t d) {
+    cuda::gather_sum<T>(coef, idx, W, bias, out, B, k, d);
+  }
+  template <typename T>
+  static void row_dot(const T* g, const int64_t* idx, const T* W, T* out, int64_t B, int64_t k, int64_t d) {
+    cuda::row_dot<T>(g, idx, W, out, B, k, d);
+  }
+  template <typename T>
+  static void scatter_rows(const Csr& csr, const T* coef, const T* y, T* dW, T* dsum, int64_t F, int64_t k,
+                           int64_t d) {
+    cuda::scatter_rows<T>(csr, coef, y, dW, dsum, F, k, d);
+  }
+};
+
 }  // namespace dualenc_fast::cuda

@@ -7,8 +7,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/gt.h>
-#include <ATen/ops/mul.h>
 #include <ATen/ops/gather.h>
 #include <ATen/ops/sort.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -18,6 +16,7 @@
 
 #include "checks.h"
 #include "ops/cuda/primitives.cuh"
+#include "ops/sparse_impl.h"
 #include "ops/topk_encode.h"
 
 namespace dualenc_fast::cuda {
@@ -230,32 +229,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_backward_cuda(
     const at::Tensor& weight,       // [F, d]
     const std::optional<at::Tensor>& pre_bias,  // [d] or None
     bool need_x_grad, bool need_weight_grad) {
-  check_topk_encode_backward_args(grad_values, values, indices, x, weight, pre_bias);
   const c10::cuda::CUDAGuard guard(values.device());
-  const auto v = values.contiguous();
-  const auto idx = indices.contiguous();
-  const auto W = weight.contiguous();
-  const int64_t B = v.size(0), k = v.size(1), F = W.size(0), d = W.size(1);
-  // a selected value that ReLU clamped to zero passes no gradient
-  const auto g = at::mul(grad_values, v.gt(0)).contiguous();
-  auto grad_x = need_x_grad ? at::empty({B, d}, v.options()) : at::empty({0}, v.options());
-  auto grad_w = need_weight_grad ? at::empty({F, d}, v.options()) : at::empty({0}, v.options());
-  auto grad_b = need_weight_grad ? at::empty({F}, v.options()) : at::empty({0}, v.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "topk_encode_backward_cuda", [&] {
-    if (need_x_grad) {
-      gather_sum<scalar_t>(g.const_data_ptr<scalar_t>(), idx.const_data_ptr<int64_t>(),
-                           W.const_data_ptr<scalar_t>(), nullptr,
-                           grad_x.mutable_data_ptr<scalar_t>(), B, k, d);
-    }
-    if (need_weight_grad) {
-      const auto xe = centered_input(x, pre_bias);
-      const FeatureCsr csr(idx, F);
-      scatter_rows<scalar_t>(csr, g.const_data_ptr<scalar_t>(), xe.const_data_ptr<scalar_t>(),
-                             grad_w.mutable_data_ptr<scalar_t>(), grad_b.mutable_data_ptr<scalar_t>(),
-                             F, k, d);
-    }
-  });
-  return {grad_x, grad_w, grad_b};
+  return topk_encode_backward_impl<Prims>(grad_values, values, indices, x, weight, pre_bias, need_x_grad,
+                                          need_weight_grad);
 }
 
 }  // namespace
