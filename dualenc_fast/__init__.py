@@ -19,6 +19,11 @@ _LAZY = {
     "reference": None,
     "analysis": None,
     "eval": None,
+    "integration": None,
+    "report": None,
+    "train": None,
+    "data": None,
+    "checkpoint": None,
 }
 
 
