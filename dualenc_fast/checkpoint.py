@@ -261,6 +261,9 @@ def load_model(path, *, backend: str = "auto", device="cpu"):
         raise FileNotFoundError(f"{path} holds no config.json/model.safetensors (nor a run or SAELens folder)")
     config = read_json(path / "config.json")
     if config.get("format") != MODEL_FORMAT:
+        ckpt = latest_checkpoint(path)  # a training run still in progress: its newest checkpoint
+        if ckpt is not None:
+            return load_model(ckpt, backend=backend, device=device)
         raise ValueError(f"{path / 'config.json'} is not a dualenc_fast model config (format={config.get('format')!r})")
     model = build_model(config, backend=backend)
     model.load_state_dict(load_tensors(path / "model.safetensors"))

