@@ -106,7 +106,7 @@ def run_hooks(context: dict) -> dict:
 
 def hook_lines(hooks: dict) -> list:
     """Headline numbers of the evaluation report (KL splice test, bimodality) for the printed summary."""
-    ev = hooks.get("eval") or {}
+    ev = hooks.get("dualenc_fast.eval") or {}
     if not isinstance(ev, dict) or "report" not in ev:
         return []
     lines = ["", f"evaluation report: {ev['report']}"]

@@ -26,7 +26,7 @@ namespace dualenc_fast::cpu {
 #endif
 
 // How many gathered rows ahead to prefetch.
-constexpr int64_t kPrefetchDistance = 4;
+constexpr int64_t kPrefetchDistance = 16;
 
 // Rows per parallel task so that each task does roughly `work` multiply-adds.
 inline int64_t grain_for(int64_t per_row, int64_t work = 1 << 15) {
