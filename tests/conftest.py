@@ -11,6 +11,15 @@ HAS_CUDA = torch.cuda.is_available()
 DEVICES = ["cpu"] + [pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny ops: intra-op threads only add contention on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return

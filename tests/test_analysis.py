@@ -11,13 +11,7 @@ from dualenc_fast.reference import JointSAENFM, TopKSparseAutoencoder
 N_SIM = 200  # Monte-Carlo samples for the dip p-value in tests
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small ops: intra-op threads only add contention on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _decoder_with_squared_norms(sq: np.ndarray, d: int = 24, seed: int = 0) -> torch.Tensor:
