@@ -51,6 +51,10 @@ def main():
     emit("DUALENC_TORCH_PREFIX_PATH", torch.utils.cmake_prefix_path)
     emit("DUALENC_TORCH_LIB_DIR", os.path.join(os.path.dirname(torch.__file__), "lib"))
     emit("DUALENC_TORCH_CUDA_VERSION", torch.version.cuda or "")
+    from torch.utils.cpp_extension import include_paths
+
+    emit("DUALENC_TORCH_INCLUDE_DIRS", ";".join(include_paths()))
+    emit("DUALENC_TORCH_CXX11_ABI", int(bool(torch._C._GLIBCXX_USE_CXX11_ABI)))
     includes, libs = nvidia_wheel_dirs()
     emit("DUALENC_NVIDIA_INCLUDE_DIRS", ";".join(includes))
     emit("DUALENC_NVIDIA_LIB_DIRS", ";".join(libs))
