@@ -256,21 +256,12 @@ def op_figures(s: Shape, device, dtype, repeats: int) -> dict:
         big = torch.empty(256 * 2**20 // 4 if device != "cpu" else 64 * 2**20 // 4, device=device)
         big2 = torch.empty_like(big)
         cases = {
-            "sparse_decode": lambda: ops.sparse_decode(v, i, w),
-            "topk_encode": lambda: ops.topk_encode(x, p["w_enc"].detach(), p["b_enc"].detach(), s.k),
-            "bare_gemm": lambda: torch.mm(x, wt),
-            "device_copy": lambda: big2.copy_(big),
+            "sparse_decode": lambda _: ops.sparse_decode(v, i, w),
+            "topk_encode": lambda _: ops.topk_encode(x, p["w_enc"].detach(), p["b_enc"].detach(), s.k),
+            "bare_gemm": lambda _: torch.mm(x, wt),
+            "device_copy": lambda _: big2.copy_(big),
         }
-        times = {n: [] for n in cases}
-        for fn in cases.values():
-            fn()
-        for _ in range(repeats):
-            for n, fn in cases.items():
-                _sync(device)
-                t0 = time.perf_counter()
-                fn()
-                _sync(device)
-                times[n].append(time.perf_counter() - t0)
+        times = time_paths(cases, None, device, repeats, warmup=1)
     med = {n: statistics.median(t) for n, t in times.items()}
     elt = torch.empty(0, dtype=dtype).element_size()
     # bytes a gather must move at least: the selected rows, codes and the output
