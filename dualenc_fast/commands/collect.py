@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import sys
 
+from dualenc_fast.commands import add_run_options, apply_threads
+
 
 def register(sub):
     p = sub.add_parser(
@@ -31,9 +33,7 @@ def register(sub):
                    help="storage dtype of the activations (default: float32)")
     p.add_argument("--shard-rows", type=int, default=100_000, help="rows per shard file (default: 100000)")
     p.add_argument("--device", default="cpu", help="torch device for the LM (default: cpu)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_run_options(p)
     p.set_defaults(func=run)
 
 
@@ -58,13 +58,10 @@ def load_texts(args):
 
 
 def run(args) -> int:
-    import torch
-
     from dualenc_fast.data import collect_activations
     from dualenc_fast.lm import decoder_layers, load_causal_lm
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     for name in ("max_tokens", "window", "batch_size", "shard_rows"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive")

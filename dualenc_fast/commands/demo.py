@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from dualenc_fast.commands import add_run_options, apply_threads
+
 KINDS = ("sae", "sae_bias", "sequential", "joint")
 HOOK_MODULES = ("dualenc_fast.eval", "dualenc_fast.analysis")
 
@@ -56,9 +58,7 @@ def register(sub):
     p.add_argument("--reuse-activations", action="store_true",
                    help="reuse OUT/activations if it exists instead of collecting again")
     p.add_argument("--no-hooks", action="store_true", help="skip the eval/analysis hooks")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_run_options(p)
     p.set_defaults(func=run)
 
 
@@ -141,8 +141,6 @@ def format_table(rows: list) -> str:
 
 
 def run(args) -> int:
-    import torch
-
     from dualenc_fast.checkpoint import atomic_write_json, atomic_write_text
     from dualenc_fast.commands.collect import parse_layer
     from dualenc_fast.data import ActivationStore, bundled_texts, collect_activations, read_text_files
@@ -150,8 +148,7 @@ def run(args) -> int:
     from dualenc_fast.train import TrainConfig, error_reduction, train
 
     t_start = time.time()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     progress = not args.no_progress

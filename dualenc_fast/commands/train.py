@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+from dualenc_fast.commands import add_run_options, apply_threads
+
 
 def register(sub):
     p = sub.add_parser(
@@ -48,9 +50,7 @@ def register(sub):
     p.add_argument("--normalize-input", action="store_true",
                    help="scale inputs to unit mean squared norm (folded into the saved weights)")
     p.add_argument("--export-saelens", default=None, metavar="DIR", help="also export the SAE in SAELens layout to DIR")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_run_options(p)
     p.set_defaults(func=run)
 
 
@@ -69,14 +69,11 @@ def config_from_args(args):
 
 
 def run(args) -> int:
-    import torch
-
     from dualenc_fast.checkpoint import export_saelens
     from dualenc_fast.data import ActivationStore
     from dualenc_fast.train import train
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     config = config_from_args(args)
     store = ActivationStore(args.activations)
     result = train(config, store, args.out, resume=args.resume, overwrite=args.overwrite,
