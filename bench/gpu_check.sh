@@ -1,47 +1,109 @@
 #!/usr/bin/env bash
 # GPU check, for a machine that already has a CUDA build of torch, nvcc, cmake,
-# ninja, scikit-build-core and pybind11 (no network needed): builds in place,
-# runs the op tests (CUDA variants included), compute-sanitizer on the CUDA
-# op tests, and the GPU benchmarks. Everything printed is also written under
-# bench/results/gpu-<device>-<date>/ to be committed.
-#   PYTHON=python3 bash bench/gpu_check.sh [--quick]
+# ninja, scikit-build-core and pybind11 (no network needed). Stages, each under
+# its own time limit so that one slow stage cannot eat the others:
+#   build     the prebuilt module from bench/prebuild_gpu.sh (.gpu-prebuilt/)
+#             when it imports against this torch, else an in-place build for
+#             this GPU's architecture only
+#   test      the op tests, CPU and CUDA variants
+#   sanitize  compute-sanitizer memcheck on the CUDA op tests, racecheck and
+#             synccheck on the CUDA top-k tests
+#   bench     dualenc bench at P (bfloat16, float32) and C1 on the GPU
+#   sweep     sparse_decode gather vs dense at P's shape over k (the "auto"
+#             thresholds of ops.set_sparse_strategy)
+# Everything printed is also written under bench/results/gpu-<device>-<date>/,
+# and, where $OUT is set (the device tool), packed into $OUT/gpu-results.tgz.
+#   PYTHON=python3 bash bench/gpu_check.sh [build,test,sanitize,bench,sweep]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
-quick="${1:-}"
+stages="${1:-build,test,sanitize,bench,sweep}"
+want() { [[ ",$stages," == *",$1,"* ]]; }
+export PYTHONUNBUFFERED=1
 device=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '_'))" 2>/dev/null || echo unknown)
 out="bench/results/gpu-${device}-$(date -u +%Y%m%d)"
 mkdir -p "$out"
-log() { echo "== $*" | tee -a "$out/summary.txt"; }
+log() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$out/summary.txt"; }
+pack() {
+  if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
+    tar czf "$OUT/gpu-results.tgz" -C bench/results "$(basename "$out")" && cp "$out/summary.txt" "$OUT/"
+  fi
+}
+trap pack EXIT
+# run NAME SECONDS CMD...: a stage step with a time limit; its output goes to $out/NAME.txt
+run() {
+  local name=$1 limit=$2; shift 2
+  timeout --kill-after=10 "$limit" "$@" > "$out/$name.txt" 2>&1
+  local rc=$?
+  tail -12 "$out/$name.txt"
+  [ $rc -eq 124 ] && log "$name: stopped at its ${limit}s limit"
+  log "$name: exit $rc"
+  return $rc
+}
 
-log "device: $device"
-nvidia-smi 2>&1 | tee "$out/nvidia-smi.txt" | head -15
+log "device: $device; stages: $stages"
+nvidia-smi > "$out/nvidia-smi.txt" 2>&1; head -12 "$out/nvidia-smi.txt"
+cap=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability(0))" 2>/dev/null || echo 9.0)
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$cap}"
 
-log "build (DUALENC_CUDA=ON, in place, no network)"
-DUALENC_CUDA=ON "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e . > "$out/build.txt" 2>&1
-rc=$?; tail -3 "$out/build.txt"; [ $rc -eq 0 ] || { log "build failed (rc=$rc), see $out/build.txt"; exit $rc; }
-"$PY" -m dualenc_fast.cli info | tee "$out/info.txt"
-
-log "op tests (CPU and CUDA)"
-"$PY" -m pytest tests/test_ops.py tests/test_reference.py -q -p no:cacheprovider 2>&1 | tee "$out/tests.txt" | tail -15
-
-log "compute-sanitizer memcheck on the CUDA op tests"
-san=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-if [ -x "$san" ]; then
-  "$san" --tool memcheck --error-exitcode 99 "$PY" -m pytest tests/test_ops.py -q -p no:cacheprovider \
-    -m cuda -k "not compile and not opcheck" 2>&1 | tee "$out/sanitizer.txt" | tail -8
-else
-  log "compute-sanitizer not found"
+if want build; then
+  prebuilt=$(ls .gpu-prebuilt/_C.*.so 2>/dev/null | head -1)
+  ok=1
+  if [ -n "$prebuilt" ]; then
+    cp "$prebuilt" dualenc_fast/
+    if "$PY" -c "import torch, dualenc_fast._C" > "$out/build.txt" 2>&1; then
+      ok=0
+      log "build: using prebuilt $(basename "$prebuilt") ($(cat .gpu-prebuilt/commit 2>/dev/null), torch $(cat .gpu-prebuilt/torch_version 2>/dev/null))"
+    else
+      log "build: prebuilt module does not import here; building"; rm -f "dualenc_fast/$(basename "$prebuilt")"
+    fi
+  fi
+  if [ $ok -ne 0 ]; then
+    log "build: in place, DUALENC_CUDA=ON, archs $TORCH_CUDA_ARCH_LIST, no network"
+    DUALENC_CUDA=ON CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+      run build 480 "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e . \
+      || { log "build failed, see $out/build.txt"; exit 1; }
+  fi
+  "$PY" -m dualenc_fast.cli info 2>&1 | tee "$out/info.txt"
 fi
 
-if [ "$quick" != "--quick" ]; then
+if want test; then
+  log "test: op tests (CPU and CUDA)"
+  run tests 300 "$PY" -m pytest tests/test_ops.py tests/test_reference.py -q -p no:cacheprovider
+fi
+
+if want sanitize; then
+  san=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+  if [ -x "$san" ]; then
+    log "sanitize: memcheck on the CUDA op tests"
+    run sanitizer-memcheck 240 "$san" --tool memcheck --error-exitcode 99 "$PY" -m pytest tests/test_ops.py \
+      -q -p no:cacheprovider -m cuda -k "not compile and not opcheck"
+    for tool in racecheck synccheck; do
+      log "sanitize: $tool on the CUDA top-k tests"
+      run "sanitizer-$tool" 120 "$san" --tool "$tool" --error-exitcode 99 "$PY" -m pytest tests/test_ops.py \
+        -q -p no:cacheprovider -m cuda -k "topk and not opcheck"
+    done
+  else
+    log "sanitize: compute-sanitizer not found"
+  fi
+fi
+
+if want bench; then
   for dt in bfloat16 float32; do
-    log "bench P $dt"
-    "$PY" -m dualenc_fast.cli bench --config P --device cuda --dtype "$dt" --repeats 5 --no-memory \
-      --out "$out/bench-P-$dt.json" 2>&1 | tee "$out/bench-P-$dt.txt"
+    log "bench: P $dt"
+    run "bench-P-$dt" 150 "$PY" -m dualenc_fast.cli bench --config P --device cuda --dtype "$dt" --repeats 5 \
+      --no-memory --out "$out/bench-P-$dt.json"
   done
-  log "bench C1 float32 on the GPU"
-  "$PY" -m dualenc_fast.cli bench --config C1 --device cuda --repeats 10 --no-memory \
-    --out "$out/bench-C1-float32.json" 2>&1 | tee "$out/bench-C1-float32.txt"
+  log "bench: C1 float32"
+  run bench-C1-float32 120 "$PY" -m dualenc_fast.cli bench --config C1 --device cuda --repeats 10 --no-memory \
+    --out "$out/bench-C1-float32.json"
+fi
+
+if want sweep; then
+  for dt in bfloat16 float32; do
+    log "sweep: gather vs dense at P's shape, $dt"
+    run "sweep-P-$dt" 150 "$PY" -m dualenc_fast.cli bench --config P --device cuda --dtype "$dt" --paths '' \
+      --no-memory --repeats 5 --sweep-k 64,256,512,1024,2048,4096 --out "$out/sweep-P-$dt.json"
+  done
 fi
 log "results in $out"

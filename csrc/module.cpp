@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "strategy.h"
 
 #ifndef DUALENC_VERSION
 #define DUALENC_VERSION "unknown"
@@ -33,6 +34,28 @@ std::vector<std::string> split_archs(const std::string& s) {
   }
   if (!cur.empty()) out.push_back(cur);
   return out;
+}
+
+py::dict sparse_strategy() {
+  const auto& s = dualenc_fast::sparse_strategy();
+  py::dict d;
+  const char* names[] = {"auto", "gather", "dense"};
+  d["mode"] = names[static_cast<int>(s.mode)];
+  d["cpu_min_density"] = s.cpu_min_density;
+  d["cuda_min_density"] = s.cuda_min_density;
+  d["cuda_fp32_min_density"] = s.cuda_fp32_min_density;
+  d["dense_block_bytes"] = s.dense_block_bytes;
+  return d;
+}
+
+// Validated in Python (dualenc_fast.ops.set_sparse_strategy).
+void set_sparse_strategy(int mode, double cpu, double cuda, double cuda_fp32, int64_t block_bytes) {
+  auto& s = dualenc_fast::sparse_strategy();
+  s.mode = static_cast<dualenc_fast::SparseMode>(mode);
+  s.cpu_min_density = cpu;
+  s.cuda_min_density = cuda;
+  s.cuda_fp32_min_density = cuda_fp32;
+  s.dense_block_bytes = block_bytes;
 }
 
 py::dict build_info() {
@@ -61,4 +84,11 @@ PYBIND11_MODULE(_C, m) {
       "set_index_checks", [](bool on) { dualenc_fast::index_checks_enabled() = on; },
       "Enable or disable the index range checks of the sparse ops.");
   m.def("index_checks", []() { return dualenc_fast::index_checks_enabled(); });
+  m.def("sparse_strategy", &sparse_strategy, "The gather-or-dense choice of the sparse products.");
+  m.def("use_dense_path",
+        py::overload_cast<bool, bool, bool, int64_t, int64_t, int64_t>(&dualenc_fast::use_dense_path),
+        py::arg("on_cpu"), py::arg("half_or_bf16"), py::arg("is_float32"), py::arg("B"), py::arg("k"),
+        py::arg("F"), "Whether the sparse ops would take the dense path for such a code.");
+  m.def("set_sparse_strategy", &set_sparse_strategy, py::arg("mode"), py::arg("cpu_min_density"),
+        py::arg("cuda_min_density"), py::arg("cuda_fp32_min_density"), py::arg("dense_block_bytes"));
 }

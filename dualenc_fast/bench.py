@@ -243,25 +243,38 @@ def transient_memory(path: str, s: Shape, dtype: str = "float32") -> dict:
 
 # --------------------------------------------------------------------------- op-level
 def op_figures(s: Shape, device, dtype, repeats: int) -> dict:
-    """sparse_decode against the device-copy bandwidth; topk_encode against a
-    bare GEMM of the same shape; both measured here, in this run."""
+    """sparse_decode (gather form) against the device-copy bandwidth, and its
+    dense form beside it; topk_encode against a bare GEMM of the same shape;
+    all measured here, in this run."""
     from . import ops
 
     p = make_params(s, device, dtype)
     x = torch.randn(s.B, s.d, device=device, dtype=dtype)
-    with torch.no_grad():
-        v, i = ops.topk_encode(x, p["w_enc"], p["b_enc"], s.k)
-        w = p["w_dec"].detach()
-        wt = p["w_enc"].detach().T
-        big = torch.empty(256 * 2**20 // 4 if device != "cpu" else 64 * 2**20 // 4, device=device)
-        big2 = torch.empty_like(big)
-        cases = {
-            "sparse_decode": lambda _: ops.sparse_decode(v, i, w),
-            "topk_encode": lambda _: ops.topk_encode(x, p["w_enc"].detach(), p["b_enc"].detach(), s.k),
-            "bare_gemm": lambda _: torch.mm(x, wt),
-            "device_copy": lambda _: big2.copy_(big),
-        }
-        times = time_paths(cases, None, device, repeats, warmup=1)
+    before = ops.sparse_strategy()
+
+    def decode(mode):
+        def fn(_):
+            ops.set_sparse_strategy(mode)
+            return ops.sparse_decode(v, i, w)
+        return fn
+
+    try:
+        with torch.no_grad():
+            v, i = ops.topk_encode(x, p["w_enc"], p["b_enc"], s.k)
+            w = p["w_dec"].detach()
+            wt = p["w_enc"].detach().T
+            big = torch.empty(256 * 2**20 // 4 if device != "cpu" else 64 * 2**20 // 4, device=device)
+            big2 = torch.empty_like(big)
+            cases = {
+                "sparse_decode": decode("gather"),
+                "sparse_decode_dense": decode("dense"),
+                "topk_encode": lambda _: ops.topk_encode(x, p["w_enc"].detach(), p["b_enc"].detach(), s.k),
+                "bare_gemm": lambda _: torch.mm(x, wt),
+                "device_copy": lambda _: big2.copy_(big),
+            }
+            times = time_paths(cases, None, device, repeats, warmup=1)
+    finally:
+        ops.set_sparse_strategy(**before)
     med = {n: statistics.median(t) for n, t in times.items()}
     elt = torch.empty(0, dtype=dtype).element_size()
     # bytes a gather must move at least: the selected rows, codes and the output
@@ -273,15 +286,60 @@ def op_figures(s: Shape, device, dtype, repeats: int) -> dict:
         "sparse_decode_bytes_per_s": decode_bw,
         "device_copy_bytes_per_s": copy_bw,
         "sparse_decode_fraction_of_copy_bandwidth": decode_bw / copy_bw,
+        "sparse_decode_dense_s": med["sparse_decode_dense"],
+        "sparse_decode_picks": "dense" if ops.uses_dense_path(v, s.F) else "gather",
         "topk_encode_s": med["topk_encode"],
         "bare_gemm_s": med["bare_gemm"],
         "topk_encode_over_bare_gemm": med["topk_encode"] / med["bare_gemm"],
     }
 
 
+# --------------------------------------------------------------------------- gather or dense
+def density_sweep(s: Shape, device, dtype, ks, repeats: int = 3, log=print) -> dict:
+    """sparse_decode forward + backward (values and weight gradients) in its
+    gather and dense forms, side by side, at the shape ``s`` with each k in
+    ``ks``: the measurement behind the "auto" thresholds of
+    :func:`dualenc_fast.ops.set_sparse_strategy`."""
+    from . import ops
+
+    before = ops.sparse_strategy()
+    gen = torch.Generator().manual_seed(0)
+    w = (torch.randn(s.F, s.d, generator=gen) * s.d ** -0.5).to(device, dtype).requires_grad_(True)
+    rows = []
+    log(f"sparse_decode forward + backward, B={s.B} F={s.F} d={s.d} {device} {dtype}:")
+    log(f"  {'k':>6} {'density':>8} {'gather ms':>10} {'dense ms':>10} {'dense/gather':>12}  picks")
+    try:
+        for k in ks:
+            if not 0 < k <= s.F:
+                raise ValueError(f"density sweep: need 0 < k <= F = {s.F}, got k = {k}")
+            idx = torch.stack([torch.randperm(s.F, generator=gen)[:k] for _ in range(s.B)]).to(device)
+            v = torch.rand(s.B, k, generator=gen).to(device, dtype).requires_grad_(True)
+            up = torch.randn(s.B, s.d, generator=gen).to(device, dtype)
+
+            def form(mode):
+                def fn(_):
+                    ops.set_sparse_strategy(mode)
+                    torch.autograd.grad(ops.sparse_decode(v, idx, w), (v, w), up)
+                return fn
+
+            times = time_paths({"gather": form("gather"), "dense": form("dense")}, None, device, repeats, warmup=1)
+            med = {n: statistics.median(t) for n, t in times.items()}
+            ops.set_sparse_strategy(**before)
+            picks = "dense" if ops.uses_dense_path(v, s.F) else "gather"  # under the settings in force
+            row = dict(k=k, density=k / s.F, gather_s=med["gather"], dense_s=med["dense"],
+                       dense_over_gather=med["dense"] / med["gather"], picks=picks)
+            rows.append(row)
+            log(f"  {k:>6} {k / s.F:>8.2%} {med['gather'] * 1e3:>10.2f} {med['dense'] * 1e3:>10.2f} "
+                f"{row['dense_over_gather']:>12.2f}  {picks}")
+    finally:
+        ops.set_sparse_strategy(**before)
+    return {"shape": asdict(s), "strategy": before, "rows": rows}
+
+
 # --------------------------------------------------------------------------- driver
 def run(config: str = "C1", device: str = "cpu", dtype: str = "float32", repeats: int = 5, warmup: int = 1,
-        paths=("reference", "peer", "fused", "module"), memory: bool = True, out: str | None = None, log=print) -> dict:
+        paths=("reference", "peer", "fused", "module"), memory: bool = True, out: str | None = None, log=print,
+        sweep_ks=None) -> dict:
     if config not in CONFIGS:
         raise ValueError(f"unknown config {config!r}; choose one of {sorted(CONFIGS)}")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -303,6 +361,11 @@ def run(config: str = "C1", device: str = "cpu", dtype: str = "float32", repeats
         "machine": machine_description(device),
         "step_seconds": {n: {"median": med[n], "all": times[n]} for n in times},
     }
+    if {"fused", "module"} & set(paths):
+        from . import ops
+
+        result["sparse_strategy"] = ops.sparse_strategy()
+        result["sparse_strategy"]["picks"] = "dense" if ops.uses_dense_path(x[:, : s.k], s.F) else "gather"
     ratios = {}
     for fast in ("fused", "module"):
         if fast in med:
@@ -310,7 +373,8 @@ def run(config: str = "C1", device: str = "cpu", dtype: str = "float32", repeats
                 if other in med:
                     ratios[f"{fast}_vs_{other}"] = med[other] / med[fast]
     result["speedup"] = ratios
-    log("whole training step (forward + backward + Adam), median seconds:")
+    if med:
+        log("whole training step (forward + backward + Adam), median seconds:")
     for n in med:
         log(f"  {n:<10} {med[n]:.4f} s")
     for n, r in ratios.items():
@@ -331,10 +395,15 @@ def run(config: str = "C1", device: str = "cpu", dtype: str = "float32", repeats
         log("op figures (limits measured in this run):")
         log(f"  sparse_decode {figs['sparse_decode_s'] * 1e3:.3f} ms = "
             f"{figs['sparse_decode_fraction_of_copy_bandwidth']:.2f} x device-copy bandwidth "
-            f"({figs['device_copy_bytes_per_s'] / 1e9:.1f} GB/s)")
+            f"({figs['device_copy_bytes_per_s'] / 1e9:.1f} GB/s), gather form")
+        log(f"  sparse_decode dense form {figs['sparse_decode_dense_s'] * 1e3:.3f} ms "
+            f"(dense / gather {figs['sparse_decode_dense_s'] / figs['sparse_decode_s']:.2f}; "
+            f"the strategy in force picks {figs['sparse_decode_picks']})")
         log(f"  topk_encode {figs['topk_encode_s'] * 1e3:.3f} ms = "
             f"{figs['topk_encode_over_bare_gemm']:.2f} x a bare GEMM of the same shape "
             f"({figs['bare_gemm_s'] * 1e3:.3f} ms)")
+    if sweep_ks:
+        result["density_sweep"] = density_sweep(s, device, dt, sweep_ks, repeats=max(3, repeats), log=log)
     if out:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         with open(out, "w") as fh:

@@ -27,9 +27,12 @@ __all__ = [
     "integration_mlp",
     "integration_mlp_with_hidden",
     "set_index_checks",
+    "set_sparse_strategy",
     "sparse_decode",
+    "sparse_strategy",
     "topk_encode",
     "topn_reselect",
+    "uses_dense_path",
 ]
 
 
@@ -46,6 +49,88 @@ def index_checks() -> bool:
     return bool(_ext._C.index_checks())
 
 
+_MODES = ("auto", "gather", "dense")
+
+
+def sparse_strategy() -> dict:
+    """The current gather-or-dense choice of the sparse products (see
+    :func:`set_sparse_strategy`): ``{"mode", "cpu_min_density",
+    "cuda_min_density", "cuda_fp32_min_density", "dense_block_bytes"}``."""
+    return dict(_ext._C.sparse_strategy())
+
+
+def uses_dense_path(values: Tensor, num_features: int) -> bool:
+    """Whether the sparse ops would take the dense form for a code ``values``
+    [B, k] over ``num_features`` features (device, dtype and the current
+    :func:`set_sparse_strategy` settings decide)."""
+    return bool(
+        _ext._C.use_dense_path(
+            values.device.type == "cpu",
+            values.dtype in (torch.float16, torch.bfloat16),
+            values.dtype == torch.float32,
+            int(values.shape[0]),
+            int(values.shape[1]),
+            int(num_features),
+        )
+    )
+
+
+def set_sparse_strategy(
+    mode: Optional[str] = None,
+    *,
+    cpu_min_density: Optional[float] = None,
+    cuda_min_density: Optional[float] = None,
+    cuda_fp32_min_density: Optional[float] = None,
+    dense_block_bytes: Optional[int] = None,
+) -> None:
+    """How :func:`sparse_decode` (forward and backward) and the backward of
+    :func:`topk_encode` form their sparse-times-dense products.
+
+    - ``"gather"``: per-row gathers of the selected weight rows, O(B*k*d) work,
+      bound by memory traffic; no [B, F] buffer.
+    - ``"dense"``: the code scattered into dense [rows, F] blocks (about 256 MiB
+      each, freed before the op returns) and multiplied on the GEMM units,
+      O(B*F*d) work.
+    - ``"auto"``: dense when the density k/F reaches the threshold for
+      the device and dtype: ``cpu_min_density`` (default 0.10, measured on the
+      development CPU), ``cuda_min_density`` for half, bfloat16 and float32 with
+      TF32 GEMMs allowed (default 0.01), ``cuda_fp32_min_density`` for float32
+      without TF32 and float64 (default 0.05). The CUDA defaults are arithmetic
+      from KERNELS.md, not yet measured; ``dualenc bench`` times both forms.
+
+    ``dense_block_bytes`` (default 256 MiB) bounds the dense form's transient
+    memory: it works through the batch in row blocks whose [rows, F] code
+    stays near that size. Arguments left as None keep their current value
+    (the mode starts as ``"auto"``). The setting is process-wide.
+
+    Both forms give the same result up to rounding. On CUDA the dense form's
+    scatter adds repeated indices of a row with atomics (order-dependent
+    rounding when an index repeats three or more times in one row); the gather
+    form is deterministic everywhere.
+    """
+    cur = sparse_strategy()
+    mode = cur["mode"] if mode is None else mode
+    if mode not in _MODES:
+        raise ValueError(f"dualenc_fast: argument 'mode' must be one of {_MODES}, got {mode!r}")
+    vals = {}
+    for name, val in (
+        ("cpu_min_density", cpu_min_density),
+        ("cuda_min_density", cuda_min_density),
+        ("cuda_fp32_min_density", cuda_fp32_min_density),
+    ):
+        if val is None:
+            val = cur[name]
+        val = float(val)
+        if not (val >= 0.0):
+            raise ValueError(f"dualenc_fast: argument '{name}' must be a density >= 0, got {val!r}")
+        vals[name] = val
+    block = cur["dense_block_bytes"] if dense_block_bytes is None else dense_block_bytes
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"dualenc_fast: argument 'dense_block_bytes' must be an int >= 1, got {block!r}")
+    _ext._C.set_sparse_strategy(_MODES.index(mode), vals["cpu_min_density"], vals["cuda_min_density"],
+                                vals["cuda_fp32_min_density"], block)
+
+
 def _empty_or(t: Tensor, shape, needed: bool) -> Tensor:
     return t.new_empty(shape) if needed else t.new_empty((0,))
 
@@ -57,6 +142,8 @@ def sparse_decode(values: Tensor, indices: Tensor, weight: Tensor, bias: Optiona
     values [B, k], indices [B, k] int64, weight [F, d], bias [d] or None -> [B, d].
     Repeated indices within a row add up. ``weight`` receives a dense [F, d]
     gradient built deterministically (pairs grouped by feature, no atomics).
+    At high density (k/F) the products run as dense GEMMs instead of gathers:
+    see :func:`set_sparse_strategy`.
     """
     return _ops.sparse_decode.default(values, indices, weight, bias)
 
@@ -68,7 +155,7 @@ def _sparse_decode_fake(values, indices, weight, bias):
 
 
 @torch.library.register_fake("dualenc_fast::sparse_decode_backward")
-def _sparse_decode_backward_fake(grad_out, values, indices, weight, need_values, need_weight):
+def _sparse_decode_backward_fake(grad_out, values, indices, weight, need_values, need_weight, check_indices=True):
     return _empty_or(values, values.shape, need_values), _empty_or(weight, weight.shape, need_weight)
 
 
@@ -84,7 +171,9 @@ def _sparse_decode_backward(ctx, grad):
     grad = grad.contiguous()
     gv = gw = gb = None
     if need_v or need_w:
-        gv, gw = _ops.sparse_decode_backward.default(grad, values, indices, weight, need_v, need_w)
+        gv, gw = _ops.sparse_decode_backward.default(
+            grad, values, indices, weight, need_v, need_w, check_indices=False
+        )
     if ctx.has_bias and need_b:
         gb = grad.sum(0)
     return (gv if need_v else None), None, (gw if need_w else None), gb
@@ -103,8 +192,10 @@ def topk_encode(
 
     x [B, d], weight [F, d], bias [F], pre_bias [d] or None ->
     (values [B, k], indices [B, k] int64). Nothing of size [B, F] is kept for
-    backward; the backward touches only the selected rows of ``weight``. A
-    selected value that ReLU clamped to zero passes no gradient.
+    backward; in its gather form the backward touches only the selected rows
+    of ``weight`` (dense form above a density threshold: see
+    :func:`set_sparse_strategy`). A selected value that ReLU clamped to zero
+    passes no gradient.
     """
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"dualenc_fast: argument 'k' must be an int, got {type(k).__name__} {k!r}")
@@ -119,7 +210,7 @@ def _topk_encode_fake(x, weight, bias, k, pre_bias):
 
 
 @torch.library.register_fake("dualenc_fast::topk_encode_backward")
-def _topk_encode_backward_fake(grad_values, values, indices, x, weight, pre_bias, need_x, need_w):
+def _topk_encode_backward_fake(grad_values, values, indices, x, weight, pre_bias, need_x, need_w, check_indices=True):
     return (
         _empty_or(x, x.shape, need_x),
         _empty_or(weight, weight.shape, need_w),
@@ -141,7 +232,8 @@ def _topk_encode_backward(ctx, grad_values, grad_indices):
         return None, None, None, None, None
     want_x = need_x or need_pre
     gx, gw, gb = _ops.topk_encode_backward.default(
-        grad_values.contiguous(), values, indices, x, weight, pre_bias, want_x, need_w or need_b
+        grad_values.contiguous(), values, indices, x, weight, pre_bias, want_x, need_w or need_b,
+        check_indices=False,
     )
     g_pre = -gx.sum(0) if (need_pre and pre_bias is not None) else None
     return (
@@ -175,7 +267,7 @@ def _fm_interaction_fake(values, indices, embeddings):
 
 
 @torch.library.register_fake("dualenc_fast::fm_interaction_backward")
-def _fm_interaction_backward_fake(grad_p, values, indices, embeddings, need_v, need_e):
+def _fm_interaction_backward_fake(grad_p, values, indices, embeddings, need_v, need_e, check_indices=True):
     return _empty_or(values, values.shape, need_v), _empty_or(embeddings, embeddings.shape, need_e)
 
 
@@ -189,7 +281,9 @@ def _fm_interaction_backward(ctx, grad):
     need_v, _, need_e = ctx.needs_input_grad
     if not (need_v or need_e):
         return None, None, None
-    gv, ge = _ops.fm_interaction_backward.default(grad.contiguous(), values, indices, embeddings, need_v, need_e)
+    gv, ge = _ops.fm_interaction_backward.default(
+        grad.contiguous(), values, indices, embeddings, need_v, need_e, check_indices=False
+    )
     return (gv if need_v else None), None, (ge if need_e else None)
 
 

@@ -39,3 +39,28 @@ def test_bench_cli_rejects_unknown_path():
     r = subprocess.run([sys.executable, "-m", "dualenc_fast.cli", "bench", "--paths", "fused,turbo"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "unknown path(s) ['turbo']" in r.stderr
+
+
+def test_density_sweep_times_both_forms_and_restores_strategy(tmp_path):
+    from dualenc_fast import ops
+
+    before = ops.sparse_strategy()
+    out = tmp_path / "sweep.json"
+    lines = []
+    bench.run("tiny", repeats=1, warmup=0, paths=(), memory=False, out=str(out), log=lines.append, sweep_ks=[8, 512])
+    rows = json.loads(out.read_text())["density_sweep"]["rows"]
+    assert [row["k"] for row in rows] == [8, 512]
+    assert all(row["gather_s"] > 0 and row["dense_s"] > 0 for row in rows)
+    # default CPU threshold 10%: 8/1024 gathers, 512/1024 goes dense
+    assert [row["picks"] for row in rows] == ["gather", "dense"]
+    assert any("dense/gather" in line for line in lines)
+    assert ops.sparse_strategy() == before
+
+
+def test_bench_cli_rejects_bad_sweep():
+    r = subprocess.run([sys.executable, "-m", "dualenc_fast.cli", "bench", "--config", "tiny", "--paths", "",
+                        "--sweep-k", "8,x"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--sweep-k must be comma-separated integers, got '8,x'" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "dualenc_fast.cli", "bench", "--config", "tiny", "--paths", "",
+                        "--no-memory", "--sweep-k", "2000"], capture_output=True, text=True)
+    assert r.returncode == 2 and "need 0 < k <= F = 1024, got k = 2000" in r.stderr

@@ -51,6 +51,15 @@ def grads(fn, inputs, upstream):
     return out, torch.autograd.grad(out, diff, upstream, allow_unused=True)
 
 
+@pytest.fixture(params=["gather", "dense"])
+def strategy(request):
+    """Runs a test under each form of the sparse products (ops.set_sparse_strategy)."""
+    before = ops.sparse_strategy()
+    ops.set_sparse_strategy(request.param)
+    yield request.param
+    ops.set_sparse_strategy(**before)
+
+
 def assert_close_all(a, b, dtype):
     for x, y in zip(a, b):
         if x is None and y is None:
@@ -67,7 +76,7 @@ def assert_close_all(a, b, dtype):
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("repeats", [False, True])
-def test_sparse_decode_matches_reference(device, dtype, shape, with_bias, repeats):
+def test_sparse_decode_matches_reference(device, dtype, shape, with_bias, repeats, strategy):
     B, d, F, k, _ = shape
     g = torch.Generator().manual_seed(1)
     values, indices = random_code(B, k, F, device, dtype, g, repeats=repeats)
@@ -91,7 +100,7 @@ def test_sparse_decode_noncontiguous(device):
     torch.testing.assert_close(ops.sparse_decode(values, indices, weight), R.sparse_decode(values, indices, weight))
 
 
-def test_sparse_decode_gradcheck():
+def test_sparse_decode_gradcheck(strategy):
     g = torch.Generator().manual_seed(3)
     values, indices = random_code(4, 3, 9, "cpu", torch.float64, g, repeats=True)
     weight = torch.randn(9, 5, generator=g, dtype=torch.float64)
@@ -106,7 +115,7 @@ def test_sparse_decode_gradcheck():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 @pytest.mark.parametrize("with_pre_bias", [False, True])
-def test_topk_encode_matches_reference(device, dtype, shape, with_pre_bias):
+def test_topk_encode_matches_reference(device, dtype, shape, with_pre_bias, strategy):
     if device == "cuda" and dtype == torch.float64:
         pytest.skip("topk_encode on CUDA is float32/float16/bfloat16")
     B, d, F, k, _ = shape
@@ -150,7 +159,7 @@ def test_topk_encode_tie_rule_and_relu_zeros(device):
     assert br.grad.tolist() == [1.0, 1.0, 1.0, 1.0, 1.0, 0.0]
 
 
-def test_topk_encode_gradcheck():
+def test_topk_encode_gradcheck(strategy):
     g = torch.Generator().manual_seed(5)
     x = torch.randn(4, 5, generator=g, dtype=torch.float64)
     w = torch.randn(11, 5, generator=g, dtype=torch.float64)
@@ -317,8 +326,10 @@ def opcheck_cases(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", range(8))
-def test_opcheck(device, case):
+def test_opcheck(device, case, strategy):
     name, args = opcheck_cases(device)[case]
+    if strategy == "dense" and name not in ("sparse_decode", "topk_encode"):
+        pytest.skip("only sparse_decode and topk_encode have a dense form")
     if device == "cuda" and name == "topk_encode":
         args = tuple(a.float() if isinstance(a, torch.Tensor) else a for a in args)
     torch.library.opcheck(getattr(torch.ops.dualenc_fast, name).default, args)
@@ -409,6 +420,106 @@ def test_device_mismatch_raises():
         ops.sparse_decode(v, i, torch.randn(9, 6))
     with pytest.raises(ValueError, match=r"'indices' must be on the device of 'values'"):
         ops.sparse_decode(v, i.cpu(), torch.randn(9, 6, device="cuda"))
+
+
+# --------------------------------------------------------------------------- gather or dense
+@pytest.mark.parametrize("device", DEVICES)
+def test_dense_blocks_match_gather(device):
+    """The dense form works through the batch in row blocks; blocks of 1 and 3
+    rows give what the gather form gives, forward and every gradient."""
+    g = torch.Generator().manual_seed(21)
+    values, indices = random_code(10, 4, 23, device, torch.float64, g, repeats=True)
+    x = torch.randn(10, 6, generator=g, dtype=torch.float64).to(device)
+    w = torch.randn(23, 6, generator=g, dtype=torch.float64).to(device)
+    b = torch.randn(23, generator=g, dtype=torch.float64).to(device)
+    bias = torch.randn(6, generator=g, dtype=torch.float64).to(device)
+    up = torch.randn(10, 6, generator=g, dtype=torch.float64).to(device)
+
+    def run():
+        ins = [leaf(values), leaf(w), leaf(bias), leaf(x), leaf(b)]
+        out = ops.sparse_decode(ins[0], indices, ins[1], ins[2])
+        v, _ = ops.topk_encode(ins[3], ins[1], ins[4], 4)
+        loss = (out * up).sum() + (v * v).sum()
+        return [out, v] + list(torch.autograd.grad(loss, ins))
+
+    before = ops.sparse_strategy()
+    try:
+        ops.set_sparse_strategy("gather")
+        want = run()
+        for block in (1, 3 * 23 * 8):  # 1 row per block; 3 rows per block
+            ops.set_sparse_strategy("dense", dense_block_bytes=block)
+            for a, e in zip(run(), want):
+                torch.testing.assert_close(a, e, **tol(torch.float64))
+    finally:
+        ops.set_sparse_strategy(**before)
+
+
+def _ran_dense(fn) -> bool:
+    """Whether the op scattered its code into a dense block (profiled ATen calls)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return any("scatter_add" in e.name for e in prof.events())
+
+
+def test_auto_strategy_follows_density():
+    before = ops.sparse_strategy()
+    g = torch.Generator().manual_seed(22)
+    w = torch.randn(40, 5, generator=g)
+    sparse_code = random_code(3, 2, 40, "cpu", torch.float32, g)  # density 5%
+    dense_code = random_code(3, 8, 40, "cpu", torch.float32, g)   # density 20%
+
+    def dense(code):
+        ran = _ran_dense(lambda: ops.sparse_decode(*code, w))
+        assert ops.uses_dense_path(code[0], 40) == ran  # the query tells what the op does
+        return ran
+
+    try:
+        ops.set_sparse_strategy("auto", cpu_min_density=0.10)
+        assert not dense(sparse_code)
+        assert dense(dense_code)
+        ops.set_sparse_strategy(cpu_min_density=0.01)
+        assert dense(sparse_code)
+        ops.set_sparse_strategy("gather")
+        assert not dense(dense_code)
+        ops.set_sparse_strategy("dense")
+        assert dense(sparse_code)
+        assert ops.sparse_strategy()["cpu_min_density"] == 0.01
+        # a CUDA decision needs no device: 16-bit dtypes use the tensor-core threshold
+        ops.set_sparse_strategy("auto", cuda_min_density=0.01, cuda_fp32_min_density=0.05)
+        assert ops._ext._C.use_dense_path(False, True, False, 4096, 1024, 50000)       # bf16, 2%
+        assert not ops._ext._C.use_dense_path(False, False, False, 4096, 1024, 50000)  # float64, 2%
+        assert not ops._ext._C.use_dense_path(True, False, True, 0, 8, 40)             # B = 0
+    finally:
+        ops.set_sparse_strategy(**before)
+    assert ops.sparse_strategy() == before
+
+
+def test_sparse_strategy_bad_arguments():
+    before = ops.sparse_strategy()
+    with pytest.raises(ValueError, match=r"'mode' must be one of .*got 'fast'"):
+        ops.set_sparse_strategy("fast")
+    with pytest.raises(ValueError, match=r"'cpu_min_density' must be a density >= 0, got -0.5"):
+        ops.set_sparse_strategy(cpu_min_density=-0.5)
+    with pytest.raises(ValueError, match=r"'cuda_min_density' must be a density >= 0, got nan"):
+        ops.set_sparse_strategy(cuda_min_density=float("nan"))
+    with pytest.raises(ValueError, match=r"'dense_block_bytes' must be an int >= 1, got 0"):
+        ops.set_sparse_strategy(dense_block_bytes=0)
+    assert ops.sparse_strategy() == before
+
+
+def test_backward_ops_check_indices_when_called_directly():
+    """Autograd passes check_indices=False (the forward checked); a direct call
+    to a backward op still validates its indices."""
+    v = torch.randn(4, 3)
+    bad = torch.tensor([[0, 1, 9]] * 4)
+    with pytest.raises(IndexError, match=r"'indices' must hold feature indices in \[0, 9\)"):
+        torch.ops.dualenc_fast.sparse_decode_backward(torch.randn(4, 6), v, bad, torch.randn(9, 6), True, True)
+    with pytest.raises(IndexError, match=r"'indices'.*got values in \[0, 9\]"):
+        torch.ops.dualenc_fast.fm_interaction_backward(torch.randn(4, 5), v, bad, torch.randn(9, 5), True, True)
+    with pytest.raises(IndexError, match=r"'indices'.*\[0, 9\)"):
+        torch.ops.dualenc_fast.topk_encode_backward(
+            torch.randn(4, 3), v, bad, torch.randn(4, 6), torch.randn(9, 6), None, True, True
+        )
 
 
 def test_index_checks_toggle():

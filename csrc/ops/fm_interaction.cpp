@@ -11,17 +11,20 @@
 namespace dualenc_fast {
 
 void check_fm_interaction_args(const at::Tensor& values, const at::Tensor& indices,
-                               const at::Tensor& embeddings) {
+                               const at::Tensor& embeddings, bool check_indices) {
   check_sparse_code(values, indices);
   check_dim(embeddings, "embeddings", 2, "[F, K]");
   check_same_dtype(embeddings, "embeddings", values, "values");
   check_same_device(embeddings, "embeddings", values, "values");
-  check_index_range(indices, "indices", embeddings.size(0), "embeddings.shape[0], the number of features");
+  if (check_indices) {
+    check_index_range(indices, "indices", embeddings.size(0), "embeddings.shape[0], the number of features");
+  }
 }
 
 void check_fm_interaction_backward_args(const at::Tensor& grad_p, const at::Tensor& values,
-                                        const at::Tensor& indices, const at::Tensor& embeddings) {
-  check_fm_interaction_args(values, indices, embeddings);
+                                        const at::Tensor& indices, const at::Tensor& embeddings,
+                                        bool check_indices) {
+  check_fm_interaction_args(values, indices, embeddings, check_indices);
   check_dim(grad_p, "grad_p", 2, "[B, K]");
   check_size(grad_p, "grad_p", 0, values.size(0), "values.shape[0] (B)");
   check_size(grad_p, "grad_p", 1, embeddings.size(1), "embeddings.shape[1] (K)");
@@ -33,8 +36,9 @@ void check_fm_interaction_backward_args(const at::Tensor& grad_p, const at::Tens
 
 TORCH_LIBRARY_FRAGMENT(dualenc_fast, m) {
   m.def("fm_interaction(Tensor values, Tensor indices, Tensor embeddings) -> Tensor");
-  // Returns (grad_values [B, k] or [0], grad_embeddings [F, K] or [0]).
+  // Returns (grad_values [B, k] or [0], grad_embeddings [F, K] or [0]); the
+  // autograd formula passes check_indices=False (the forward checked them).
   m.def(
       "fm_interaction_backward(Tensor grad_p, Tensor values, Tensor indices, Tensor embeddings, "
-      "bool need_values_grad, bool need_embeddings_grad) -> (Tensor, Tensor)");
+      "bool need_values_grad, bool need_embeddings_grad, bool check_indices=True) -> (Tensor, Tensor)");
 }

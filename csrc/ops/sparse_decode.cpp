@@ -8,7 +8,8 @@
 namespace dualenc_fast {
 
 void check_sparse_decode_args(const at::Tensor& values, const at::Tensor& indices,
-                              const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+                              const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                              bool check_indices) {
   check_sparse_code(values, indices);
   check_dim(weight, "weight", 2, "[F, d]");
   check_same_dtype(weight, "weight", values, "values");
@@ -19,12 +20,15 @@ void check_sparse_decode_args(const at::Tensor& values, const at::Tensor& indice
     check_same_dtype(*bias, "bias", values, "values");
     check_same_device(*bias, "bias", values, "values");
   }
-  check_index_range(indices, "indices", weight.size(0), "weight.shape[0], the number of features");
+  if (check_indices) {
+    check_index_range(indices, "indices", weight.size(0), "weight.shape[0], the number of features");
+  }
 }
 
 void check_sparse_decode_backward_args(const at::Tensor& grad_out, const at::Tensor& values,
-                                       const at::Tensor& indices, const at::Tensor& weight) {
-  check_sparse_decode_args(values, indices, weight, std::nullopt);
+                                       const at::Tensor& indices, const at::Tensor& weight,
+                                       bool check_indices) {
+  check_sparse_decode_args(values, indices, weight, std::nullopt, check_indices);
   check_dim(grad_out, "grad_out", 2, "[B, d]");
   check_size(grad_out, "grad_out", 0, values.size(0), "values.shape[0] (B)");
   check_size(grad_out, "grad_out", 1, weight.size(1), "weight.shape[1] (d)");
@@ -36,8 +40,10 @@ void check_sparse_decode_backward_args(const at::Tensor& grad_out, const at::Ten
 
 TORCH_LIBRARY_FRAGMENT(dualenc_fast, m) {
   m.def("sparse_decode(Tensor values, Tensor indices, Tensor weight, Tensor? bias) -> Tensor");
-  // Returns (grad_values [B, k] or [0], grad_weight [F, d] or [0]).
+  // Returns (grad_values [B, k] or [0], grad_weight [F, d] or [0]). The
+  // autograd formula passes check_indices=False: its indices passed the
+  // forward's check (or came from topk_encode).
   m.def(
       "sparse_decode_backward(Tensor grad_out, Tensor values, Tensor indices, Tensor weight, "
-      "bool need_values_grad, bool need_weight_grad) -> (Tensor, Tensor)");
+      "bool need_values_grad, bool need_weight_grad, bool check_indices=True) -> (Tensor, Tensor)");
 }

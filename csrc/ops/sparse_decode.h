@@ -5,7 +5,9 @@
 namespace dualenc_fast {
 // values [B, k], indices [B, k] int64, weight [F, d], bias [d] or None.
 void check_sparse_decode_args(const at::Tensor& values, const at::Tensor& indices,
-                              const at::Tensor& weight, const std::optional<at::Tensor>& bias);
+                              const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                              bool check_indices = true);
 void check_sparse_decode_backward_args(const at::Tensor& grad_out, const at::Tensor& values,
-                                       const at::Tensor& indices, const at::Tensor& weight);
+                                       const at::Tensor& indices, const at::Tensor& weight,
+                                       bool check_indices = true);
 }  // namespace dualenc_fast

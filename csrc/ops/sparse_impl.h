@@ -6,20 +6,48 @@
 //   row_dot<T>(g, idx, W, out, B, k, d)               out[b,j] = <g[b], W[idx[b,j]]>
 //   Csr(idx tensor, F)                                the code's transpose, grouped by feature
 //   scatter_rows<T>(csr, coef, y, dW, dsum, F, k, d)  dW[i] = sum_{idx=i} coef * y[b]
+// Each product also has a dense form (a GEMM on the code scattered into
+// [rows, F] blocks, ATen ops only, so the same code runs on every device);
+// use_dense_path (strategy.h) picks one by the code's density.
 #pragma once
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/gather.h>
 #include <ATen/ops/gt.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/mul.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
 
+#include <algorithm>
 #include <tuple>
 
 #include "ops/sparse_decode.h"
 #include "ops/topk_encode.h"
+#include "strategy.h"
 
 namespace dualenc_fast {
+
+// ---------------------------------------------------------------- dense path
+// Calls fn(b0, rows) over consecutive row blocks of the batch, each small
+// enough that a dense [rows, F] block (and, in backward, its gradient) stays
+// near sparse_strategy().dense_block_bytes.
+template <typename Fn>
+void for_dense_blocks(int64_t B, int64_t F, const at::Tensor& like, Fn&& fn) {
+  const int64_t per_row = std::max<int64_t>(1, F * static_cast<int64_t>(like.element_size()));
+  const int64_t rows =
+      std::max<int64_t>(1, std::min<int64_t>(B, sparse_strategy().dense_block_bytes / per_row));
+  for (int64_t b0 = 0; b0 < B; b0 += rows) fn(b0, std::min(rows, B - b0));
+}
+
+// code[r, idx[r, j]] += v[r, j]: the sparse code of some rows as a dense
+// [rows, F] tensor (repeated indices add up).
+inline at::Tensor scatter_code(const at::Tensor& v, const at::Tensor& idx, int64_t F) {
+  return at::zeros({v.size(0), F}, v.options()).scatter_add_(1, idx, v);
+}
 
 template <typename Prims>
 at::Tensor sparse_decode_impl(const at::Tensor& values,   // [B, k]
@@ -32,8 +60,20 @@ at::Tensor sparse_decode_impl(const at::Tensor& values,   // [B, k]
   const auto W = weight.contiguous();
   const bool has_bias = bias.has_value() && bias->defined();
   const auto b = has_bias ? bias->contiguous() : at::Tensor();
-  const int64_t B = v.size(0), k = v.size(1), d = W.size(1);
+  const int64_t B = v.size(0), k = v.size(1), F = W.size(0), d = W.size(1);
   auto out = at::empty({B, d}, v.options());
+  if (use_dense_path(v, k, F)) {
+    for_dense_blocks(B, F, v, [&](int64_t b0, int64_t n) {
+      const auto code = scatter_code(v.narrow(0, b0, n), idx.narrow(0, b0, n), F);  // [n, F]
+      auto o = out.narrow(0, b0, n);
+      if (has_bias) {
+        at::addmm_out(o, b, code, W);
+      } else {
+        at::mm_out(o, code, W);
+      }
+    });
+    return out;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "sparse_decode", [&] {
     Prims::template gather_sum<scalar_t>(v.const_data_ptr<scalar_t>(), idx.const_data_ptr<int64_t>(),
                                          W.const_data_ptr<scalar_t>(),
@@ -49,8 +89,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward_impl(
     const at::Tensor& values,    // [B, k]
     const at::Tensor& indices,   // [B, k] int64
     const at::Tensor& weight,    // [F, d]
-    bool need_values_grad, bool need_weight_grad) {
-  check_sparse_decode_backward_args(grad_out, values, indices, weight);
+    bool need_values_grad, bool need_weight_grad, bool check_indices) {
+  check_sparse_decode_backward_args(grad_out, values, indices, weight, check_indices);
   const auto g = grad_out.contiguous();
   const auto v = values.contiguous();
   const auto idx = indices.contiguous();
@@ -58,6 +98,21 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward_impl(
   const int64_t B = v.size(0), k = v.size(1), F = W.size(0), d = W.size(1);
   auto grad_values = need_values_grad ? at::empty({B, k}, v.options()) : at::empty({0}, v.options());
   auto grad_weight = need_weight_grad ? at::empty({F, d}, W.options()) : at::empty({0}, W.options());
+  if (use_dense_path(v, k, F)) {
+    if (need_weight_grad) grad_weight.zero_();
+    for_dense_blocks(B, F, v, [&](int64_t b0, int64_t n) {
+      const auto gb = g.narrow(0, b0, n);      // [n, d]
+      const auto ib = idx.narrow(0, b0, n);    // [n, k]
+      if (need_values_grad) {                  // dv[b, j] = (g W^T)[b, idx[b, j]]
+        auto gv = grad_values.narrow(0, b0, n);
+        at::gather_out(gv, at::mm(gb, W.t()), 1, ib);
+      }
+      if (need_weight_grad) {                  // dW += code^T g
+        grad_weight.addmm_(scatter_code(v.narrow(0, b0, n), ib, F).t(), gb);
+      }
+    });
+    return {grad_values, grad_weight};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "sparse_decode_backward", [&] {
     if (need_values_grad) {
       Prims::template row_dot<scalar_t>(g.const_data_ptr<scalar_t>(), idx.const_data_ptr<int64_t>(),
@@ -81,8 +136,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_backward_impl(
     const at::Tensor& x,            // [B, d]
     const at::Tensor& weight,       // [F, d]
     const std::optional<at::Tensor>& pre_bias,  // [d] or None
-    bool need_x_grad, bool need_weight_grad) {
-  check_topk_encode_backward_args(grad_values, values, indices, x, weight, pre_bias);
+    bool need_x_grad, bool need_weight_grad, bool check_indices) {
+  check_topk_encode_backward_args(grad_values, values, indices, x, weight, pre_bias, check_indices);
   const auto v = values.contiguous();
   const auto idx = indices.contiguous();
   const auto W = weight.contiguous();
@@ -92,6 +147,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_backward_impl(
   auto grad_x = need_x_grad ? at::empty({B, d}, v.options()) : at::empty({0}, v.options());
   auto grad_w = need_weight_grad ? at::empty({F, d}, v.options()) : at::empty({0}, v.options());
   auto grad_b = need_weight_grad ? at::empty({F}, v.options()) : at::empty({0}, v.options());
+  if (use_dense_path(v, k, F)) {
+    const auto xe = need_weight_grad ? centered_input(x, pre_bias) : at::Tensor();
+    if (need_weight_grad) {
+      grad_w.zero_();
+      grad_b.zero_();
+    }
+    for_dense_blocks(B, F, v, [&](int64_t b0, int64_t n) {
+      const auto gcode = scatter_code(g.narrow(0, b0, n), idx.narrow(0, b0, n), F);  // [n, F]
+      if (need_x_grad) {
+        auto gx = grad_x.narrow(0, b0, n);
+        at::mm_out(gx, gcode, W);
+      }
+      if (need_weight_grad) {
+        grad_w.addmm_(gcode.t(), xe.narrow(0, b0, n));
+        grad_b.add_(at::sum(gcode, 0));
+      }
+    });
+    return {grad_x, grad_w, grad_b};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "topk_encode_backward", [&] {
     if (need_x_grad) {
       Prims::template gather_sum<scalar_t>(g.const_data_ptr<scalar_t>(), idx.const_data_ptr<int64_t>(),

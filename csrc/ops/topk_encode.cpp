@@ -39,23 +39,31 @@ void check_topk_encode_args(const at::Tensor& x, const at::Tensor& weight, const
 void check_topk_encode_backward_args(const at::Tensor& grad_values, const at::Tensor& values,
                                      const at::Tensor& indices, const at::Tensor& x,
                                      const at::Tensor& weight,
-                                     const std::optional<at::Tensor>& pre_bias) {
+                                     const std::optional<at::Tensor>& pre_bias,
+                                     bool check_indices) {
   check_sparse_code(values, indices);
   check_dim(grad_values, "grad_values", 2, "[B, k]");
   TORCH_CHECK_VALUE(grad_values.sizes() == values.sizes(), "dualenc_fast: argument 'grad_values' ",
                     "must have the shape of 'values' ", values.sizes(), ", got ", describe(grad_values));
   check_same_dtype(grad_values, "grad_values", values, "values");
+  check_same_device(grad_values, "grad_values", values, "values");
   check_dim(x, "x", 2, "[B, d]");
   check_same_dtype(x, "x", values, "values");
+  check_same_device(x, "x", values, "values");
   check_size(x, "x", 0, values.size(0), "values.shape[0] (B)");
   check_dim(weight, "weight", 2, "[F, d]");
   check_same_dtype(weight, "weight", values, "values");
+  check_same_device(weight, "weight", values, "values");
   check_size(weight, "weight", 1, x.size(1), "x.shape[1] (d)");
   if (pre_bias.has_value() && pre_bias->defined()) {
     check_dim(*pre_bias, "pre_bias", 1, "[d]");
     check_size(*pre_bias, "pre_bias", 0, x.size(1), "x.shape[1] (d)");
+    check_same_dtype(*pre_bias, "pre_bias", values, "values");
+    check_same_device(*pre_bias, "pre_bias", values, "values");
   }
-  check_index_range(indices, "indices", weight.size(0), "weight.shape[0], the number of features");
+  if (check_indices) {
+    check_index_range(indices, "indices", weight.size(0), "weight.shape[0], the number of features");
+  }
 }
 
 at::Tensor centered_input(const at::Tensor& x, const std::optional<at::Tensor>& pre_bias) {
@@ -75,6 +83,7 @@ TORCH_LIBRARY_FRAGMENT(dualenc_fast, m) {
   // Returns (grad_x [B, d] or [0], grad_weight [F, d] or [0], grad_bias [F] or [0]).
   m.def(
       "topk_encode_backward(Tensor grad_values, Tensor values, Tensor indices, Tensor x, "
-      "Tensor weight, Tensor? pre_bias, bool need_x_grad, bool need_weight_grad) "
+      "Tensor weight, Tensor? pre_bias, bool need_x_grad, bool need_weight_grad, "
+      "bool check_indices=True) "
       "-> (Tensor, Tensor, Tensor)");
 }

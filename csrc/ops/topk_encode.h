@@ -9,7 +9,8 @@ void check_topk_encode_args(const at::Tensor& x, const at::Tensor& weight, const
 void check_topk_encode_backward_args(const at::Tensor& grad_values, const at::Tensor& values,
                                      const at::Tensor& indices, const at::Tensor& x,
                                      const at::Tensor& weight,
-                                     const std::optional<at::Tensor>& pre_bias);
+                                     const std::optional<at::Tensor>& pre_bias,
+                                     bool check_indices = true);
 // x - pre_bias (or x), contiguous.
 at::Tensor centered_input(const at::Tensor& x, const std::optional<at::Tensor>& pre_bias);
 // Rows per encoder GEMM block so that one [rows, F] block stays near `bytes`.

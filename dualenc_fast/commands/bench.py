@@ -17,8 +17,13 @@ def register(sub):
     p.add_argument("--repeats", type=int, default=5, help="timed steps per path (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per path first (default 1)")
     p.add_argument("--paths", default="reference,peer,fused,module",
-                   help="comma-separated subset of reference,peer,fused,module (default: all four)")
+                   help="comma-separated subset of reference,peer,fused,module (default: all four); "
+                   "'' for none (with --sweep-k: the sweep alone)")
     p.add_argument("--no-memory", action="store_true", help="skip the transient-memory measurement")
+    p.add_argument("--sweep-k", default=None, metavar="K1,K2,...",
+                   help="also time sparse_decode (forward + backward) in its gather and dense forms at "
+                   "the config's B, F, d with each of these k: the evidence for the 'auto' density "
+                   "thresholds (dualenc_fast.ops.set_sparse_strategy)")
     p.add_argument("--out", default=None, help="write the JSON result here")
     p.set_defaults(func=run)
 
@@ -33,6 +38,12 @@ def run(args) -> int:
         raise ValueError(f"--paths: unknown path(s) {bad}; choose from {', '.join(known)}")
     if args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    sweep = None
+    if args.sweep_k:
+        try:
+            sweep = [int(x) for x in args.sweep_k.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"--sweep-k must be comma-separated integers, got {args.sweep_k!r}") from None
     bench.run(args.config, args.device, args.dtype, args.repeats, args.warmup, paths,
-              memory=not args.no_memory, out=args.out)
+              memory=not args.no_memory, out=args.out, sweep_ks=sweep)
     return 0

@@ -127,8 +127,8 @@ std::tuple<at::Tensor, at::Tensor> fm_interaction_backward_cpu(
     const at::Tensor& values,      // [B, k]
     const at::Tensor& indices,     // [B, k] int64
     const at::Tensor& embeddings,  // [F, K]
-    bool need_values_grad, bool need_embeddings_grad) {
-  check_fm_interaction_backward_args(grad_p, values, indices, embeddings);
+    bool need_values_grad, bool need_embeddings_grad, bool check_indices) {
+  check_fm_interaction_backward_args(grad_p, values, indices, embeddings, check_indices);
   const auto g = grad_p.contiguous();
   const auto v = values.contiguous();
   const auto idx = indices.contiguous();

@@ -8,8 +8,8 @@
 
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/bincount.h>
-#include <ATen/ops/cumsum.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/searchsorted.h>
 #include <ATen/ops/sort.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
@@ -103,18 +103,17 @@ void row_dot(const scalar_t* g, const int64_t* idx, const scalar_t* W, scalar_t*
 
 // Transpose of a sparse code, built on the device: pairs sorted by feature with
 // a stable sort (so reductions over a feature's pairs run in increasing pair
-// id: deterministic), rowptr from a histogram and a prefix sum.
+// id: deterministic), rowptr[i] = the first sorted position holding a feature
+// >= i (a binary search; no host round-trip, unlike a bincount).
 struct FeatureCsr {
   at::Tensor rowptr;  // [F + 1] int64
   at::Tensor pairs;   // [B * k] int64
 
   FeatureCsr(const at::Tensor& idx, int64_t F) {
     const auto flat = idx.reshape({-1});
-    pairs = std::get<1>(at::sort(flat, /*stable=*/true, /*dim=*/0, /*descending=*/false));
-    rowptr = at::zeros({F + 1}, flat.options());
-    if (flat.numel() > 0) {
-      rowptr.narrow(0, 1, F).copy_(at::cumsum(at::bincount(flat, {}, F), 0));
-    }
+    auto sorted = at::sort(flat, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+    pairs = std::get<1>(sorted);
+    rowptr = at::searchsorted(std::get<0>(sorted), at::arange(F + 1, flat.options()));
   }
 };
 

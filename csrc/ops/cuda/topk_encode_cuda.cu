@@ -48,6 +48,7 @@ topk_select_kernel(const scalar_t* __restrict__ z,  // [rows, F]
   __shared__ long long s_remaining;
   __shared__ unsigned int s_gt_count;
   __shared__ long long s_eq_base;
+  __shared__ int s_done;
   __shared__ int warp_offsets[kSelectThreads / kWarp + 1];
   __shared__ float sort_v[kMaxBlockSort];
   __shared__ int sort_i[kMaxBlockSort];
@@ -135,9 +136,15 @@ topk_select_kernel(const scalar_t* __restrict__ z,  // [rows, F]
       }
     }
     __syncthreads();
-    if (tid == 0) s_eq_base += warp_offsets[kSelectThreads / kWarp];
+    // Thread 0 decides while no thread can be adding to s_gt_count; every
+    // thread reads the flag after the barrier, and it is written again only
+    // after three more barriers, so the whole block leaves the loop together.
+    if (tid == 0) {
+      s_eq_base += warp_offsets[kSelectThreads / kWarp];
+      s_done = s_eq_base >= n_eq && s_gt_count >= static_cast<unsigned long long>(n_gt);
+    }
     __syncthreads();
-    if (s_eq_base >= n_eq && s_gt_count >= static_cast<unsigned long long>(n_gt)) break;
+    if (s_done) break;
   }
 
   // --- sort the k winners by (value desc, index asc): bitonic in shared memory
@@ -228,10 +235,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_backward_cuda(
     const at::Tensor& x,            // [B, d]
     const at::Tensor& weight,       // [F, d]
     const std::optional<at::Tensor>& pre_bias,  // [d] or None
-    bool need_x_grad, bool need_weight_grad) {
+    bool need_x_grad, bool need_weight_grad, bool check_indices) {
   const c10::cuda::CUDAGuard guard(values.device());
   return topk_encode_backward_impl<Prims>(grad_values, values, indices, x, weight, pre_bias, need_x_grad,
-                                          need_weight_grad);
+                                          need_weight_grad, check_indices);
 }
 
 }  // namespace

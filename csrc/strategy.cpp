@@ -1,0 +1,28 @@
+#include "strategy.h"
+
+#include <ATen/Context.h>
+
+namespace dualenc_fast {
+
+SparseStrategy& sparse_strategy() {
+  static SparseStrategy s;
+  return s;
+}
+
+bool use_dense_path(bool on_cpu, bool half_or_bf16, bool is_float32, int64_t B, int64_t k, int64_t F) {
+  const SparseStrategy& s = sparse_strategy();
+  if (s.mode != SparseMode::Auto) return s.mode == SparseMode::Dense;
+  if (F <= 0 || B == 0) return false;
+  const double density = static_cast<double>(k) / static_cast<double>(F);
+  if (on_cpu) return density >= s.cpu_min_density;
+  const bool tensor_cores = half_or_bf16 || (is_float32 && at::globalContext().allowTF32CuBLAS());
+  return density >= (tensor_cores ? s.cuda_min_density : s.cuda_fp32_min_density);
+}
+
+bool use_dense_path(const at::Tensor& like, int64_t k, int64_t F) {
+  const auto t = like.scalar_type();
+  return use_dense_path(like.is_cpu(), t == at::kHalf || t == at::kBFloat16, t == at::kFloat, like.size(0), k,
+                        F);
+}
+
+}  // namespace dualenc_fast

@@ -1,0 +1,40 @@
+// How the sparse ops do their sparse-times-dense products: a per-row gather
+// (O(B*k*d) work, memory-bound) or a dense GEMM on the scattered code
+// (O(B*F*d) work on the GEMM units). KERNELS.md, "Density decides gather vs
+// dense": the dense form wins once the density k/F is high enough for the
+// device and dtype. "auto" compares k/F with a per-device threshold; "gather"
+// and "dense" force one path. Set from Python (dualenc_fast.ops.set_sparse_strategy).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+
+namespace dualenc_fast {
+
+enum class SparseMode : int { Auto = 0, Gather = 1, Dense = 2 };
+
+struct SparseStrategy {
+  SparseMode mode = SparseMode::Auto;
+  // Lowest density k/F at which "auto" takes the dense path.
+  // CPU: measured on the 2-core development machine (bench/results/), where the
+  // dense GEMM overtakes the gather between 6% and 12.5%.
+  double cpu_min_density = 0.10;
+  // CUDA, 16-bit dtypes or float32 with TF32 GEMMs allowed: tensor-core GEMMs.
+  double cuda_min_density = 0.01;
+  // CUDA, float32 without TF32 (and float64): GEMMs on the SIMT units.
+  double cuda_fp32_min_density = 0.05;
+  // The dense path works through the batch in row blocks whose dense [rows, F]
+  // code stays near this size (at least one row).
+  int64_t dense_block_bytes = int64_t{256} << 20;
+};
+
+SparseStrategy& sparse_strategy();
+
+// Whether an op over a [B, k] code of F features should take the dense path:
+// on the CPU or not, with a 16-bit dtype, or float32 (TF32 read from ATen).
+bool use_dense_path(bool on_cpu, bool half_or_bf16, bool is_float32, int64_t B, int64_t k, int64_t F);
+// The same for a code held in `like` ([B, k]).
+bool use_dense_path(const at::Tensor& like, int64_t k, int64_t F);
+
+}  // namespace dualenc_fast
