@@ -9,7 +9,16 @@
 # TORCH_CUDA_ARCH_LIST (default 9.0: H100/H200), DUALENC_GPU_VENV (default .venv-gpu).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY312="${PY312:-python3.12}"
+find_py312() {
+  if python3.12 -c "" >/dev/null 2>&1; then echo python3.12; return; fi
+  if command -v pyenv >/dev/null 2>&1; then  # a pyenv install not on the PATH
+    local p
+    p=$(ls -d "$(pyenv root)"/versions/3.12*/bin/python3.12 2>/dev/null | tail -1)
+    [ -n "$p" ] && { echo "$p"; return; }
+  fi
+  echo "prebuild_gpu: no Python 3.12 found; set PY312" >&2; exit 1
+}
+PY312="${PY312:-$(find_py312)}"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.11.0}"
 VENV="${DUALENC_GPU_VENV:-.venv-gpu}"
 PIP() { "$VENV/bin/python" -m pip "$@" 2>&1 | { grep -v "^WARNING: Location 'file:" || true; }; }

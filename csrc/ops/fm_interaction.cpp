@@ -4,6 +4,7 @@
 //           dE[i] += v_j * dp * (s - v_j E[i])   (deterministic, grouped by feature)
 #include "ops/fm_interaction.h"
 
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include "checks.h"
@@ -30,6 +31,39 @@ void check_fm_interaction_backward_args(const at::Tensor& grad_p, const at::Tens
   check_size(grad_p, "grad_p", 1, embeddings.size(1), "embeddings.shape[1] (K)");
   check_same_dtype(grad_p, "grad_p", values, "values");
   check_same_device(grad_p, "grad_p", values, "values");
+}
+
+FmForwardArgs prepare_fm_interaction(const at::Tensor& values, const at::Tensor& indices,
+                                     const at::Tensor& embeddings) {
+  check_fm_interaction_args(values, indices, embeddings);
+  FmForwardArgs a;
+  a.v = values.contiguous();
+  a.idx = indices.contiguous();
+  a.E = embeddings.contiguous();
+  a.B = a.v.size(0);
+  a.k = a.v.size(1);
+  a.K = a.E.size(1);
+  a.out = at::empty({a.B, a.K}, a.v.options());
+  return a;
+}
+
+FmBackwardArgs prepare_fm_interaction_backward(const at::Tensor& grad_p, const at::Tensor& values,
+                                               const at::Tensor& indices, const at::Tensor& embeddings,
+                                               bool need_values_grad, bool need_embeddings_grad,
+                                               bool check_indices) {
+  check_fm_interaction_backward_args(grad_p, values, indices, embeddings, check_indices);
+  FmBackwardArgs a;
+  a.g = grad_p.contiguous();
+  a.v = values.contiguous();
+  a.idx = indices.contiguous();
+  a.E = embeddings.contiguous();
+  a.B = a.v.size(0);
+  a.k = a.v.size(1);
+  a.F = a.E.size(0);
+  a.K = a.E.size(1);
+  a.grad_v = need_values_grad ? at::empty({a.B, a.k}, a.v.options()) : at::empty({0}, a.v.options());
+  a.grad_E = need_embeddings_grad ? at::empty({a.F, a.K}, a.E.options()) : at::empty({0}, a.E.options());
+  return a;
 }
 
 }  // namespace dualenc_fast

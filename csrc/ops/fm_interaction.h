@@ -8,4 +8,25 @@ void check_fm_interaction_args(const at::Tensor& values, const at::Tensor& indic
 void check_fm_interaction_backward_args(const at::Tensor& grad_p, const at::Tensor& values,
                                         const at::Tensor& indices, const at::Tensor& embeddings,
                                         bool check_indices = true);
+
+// What the CPU and CUDA kernels share: checked arguments, contiguous inputs
+// and allocated outputs.
+struct FmForwardArgs {
+  at::Tensor v, idx, E;  // [B, k], [B, k], [F, K]
+  at::Tensor out;        // [B, K]
+  int64_t B, k, K;
+};
+FmForwardArgs prepare_fm_interaction(const at::Tensor& values, const at::Tensor& indices,
+                                     const at::Tensor& embeddings);
+
+struct FmBackwardArgs {
+  at::Tensor g, v, idx, E;  // [B, K], [B, k], [B, k], [F, K]
+  at::Tensor grad_v;        // [B, k], or [0] when not needed
+  at::Tensor grad_E;        // [F, K], or [0] when not needed
+  int64_t B, k, F, K;
+};
+FmBackwardArgs prepare_fm_interaction_backward(const at::Tensor& grad_p, const at::Tensor& values,
+                                               const at::Tensor& indices, const at::Tensor& embeddings,
+                                               bool need_values_grad, bool need_embeddings_grad,
+                                               bool check_indices);
 }  // namespace dualenc_fast

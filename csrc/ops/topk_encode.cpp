@@ -5,6 +5,7 @@
 // raises on CPU and counts as 0 on CUDA.
 #include "ops/topk_encode.h"
 
+#include <ATen/ops/empty.h>
 #include <ATen/ops/sub.h>
 #include <torch/library.h>
 
@@ -69,6 +70,20 @@ void check_topk_encode_backward_args(const at::Tensor& grad_values, const at::Te
 at::Tensor centered_input(const at::Tensor& x, const std::optional<at::Tensor>& pre_bias) {
   if (pre_bias.has_value() && pre_bias->defined()) return at::sub(x, *pre_bias).contiguous();
   return x.contiguous();
+}
+
+TopkEncodeArgs prepare_topk_encode(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                   int64_t k, const std::optional<at::Tensor>& pre_bias) {
+  check_topk_encode_args(x, weight, bias, k, pre_bias);
+  TopkEncodeArgs a;
+  a.xe = centered_input(x, pre_bias);
+  a.W = weight.contiguous();
+  a.b = bias.contiguous();
+  a.B = a.xe.size(0);
+  a.F = a.W.size(0);
+  a.values = at::empty({a.B, k}, a.xe.options());
+  a.indices = at::empty({a.B, k}, a.xe.options().dtype(at::kLong));
+  return a;
 }
 
 int64_t encode_block_rows(int64_t B, int64_t F, int64_t elem_size, int64_t bytes) {

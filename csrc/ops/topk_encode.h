@@ -11,6 +11,16 @@ void check_topk_encode_backward_args(const at::Tensor& grad_values, const at::Te
                                      const at::Tensor& weight,
                                      const std::optional<at::Tensor>& pre_bias,
                                      bool check_indices = true);
+// What the CPU and CUDA forward kernels share: checked arguments, the centered
+// input, contiguous weights and the allocated outputs.
+struct TopkEncodeArgs {
+  at::Tensor xe, W, b;      // x - pre_bias [B, d], weight [F, d], bias [F]
+  at::Tensor values;        // [B, k]
+  at::Tensor indices;       // [B, k] int64
+  int64_t B, F;
+};
+TopkEncodeArgs prepare_topk_encode(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                   int64_t k, const std::optional<at::Tensor>& pre_bias);
 // x - pre_bias (or x), contiguous.
 at::Tensor centered_input(const at::Tensor& x, const std::optional<at::Tensor>& pre_bias);
 // Rows per encoder GEMM block so that one [rows, F] block stays near `bytes`.

@@ -81,13 +81,10 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x,       //
                                                    const at::Tensor& bias,    // [F]
                                                    int64_t k,
                                                    const std::optional<at::Tensor>& pre_bias) {  // [d]
-  check_topk_encode_args(x, weight, bias, k, pre_bias);
-  const auto xe = centered_input(x, pre_bias);
-  const auto W = weight.contiguous();
-  const auto b = bias.contiguous();
-  const int64_t B = xe.size(0), F = W.size(0);
-  auto values = at::empty({B, k}, xe.options());
-  auto indices = at::empty({B, k}, xe.options().dtype(at::kLong));
+  auto a = prepare_topk_encode(x, weight, bias, k, pre_bias);
+  const at::Tensor &xe = a.xe, &W = a.W, &b = a.b;
+  at::Tensor &values = a.values, &indices = a.indices;
+  const int64_t B = a.B, F = a.F;
   if (B == 0) return {values, indices};
   // Tiles of [rows, cols] pre-activations (~8 MiB): column tiles let the GEMM
   // read each weight row once per row block, and nothing [B, F] is allocated.

@@ -100,13 +100,11 @@ at::Tensor fm_interaction_cuda(const at::Tensor& values,      // [B, k]
                                const at::Tensor& indices,     // [B, k] int64
                                const at::Tensor& embeddings)  // [F, K]
 {
-  check_fm_interaction_args(values, indices, embeddings);
   const c10::cuda::CUDAGuard guard(values.device());
-  const auto v = values.contiguous();
-  const auto idx = indices.contiguous();
-  const auto E = embeddings.contiguous();
-  const int64_t B = v.size(0), k = v.size(1), K = E.size(1);
-  auto out = at::empty({B, K}, v.options());
+  auto a = prepare_fm_interaction(values, indices, embeddings);
+  const at::Tensor &v = a.v, &idx = a.idx, &E = a.E;
+  at::Tensor& out = a.out;
+  const int64_t B = a.B, k = a.k, K = a.K;
   if (B == 0 || K == 0) return out;
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "fm_interaction_cuda", [&] {
@@ -124,15 +122,12 @@ std::tuple<at::Tensor, at::Tensor> fm_interaction_backward_cuda(
     const at::Tensor& indices,     // [B, k] int64
     const at::Tensor& embeddings,  // [F, K]
     bool need_values_grad, bool need_embeddings_grad, bool check_indices) {
-  check_fm_interaction_backward_args(grad_p, values, indices, embeddings, check_indices);
   const c10::cuda::CUDAGuard guard(values.device());
-  const auto g = grad_p.contiguous();
-  const auto v = values.contiguous();
-  const auto idx = indices.contiguous();
-  const auto E = embeddings.contiguous();
-  const int64_t B = v.size(0), k = v.size(1), F = E.size(0), K = E.size(1);
-  auto grad_v = need_values_grad ? at::empty({B, k}, v.options()) : at::empty({0}, v.options());
-  auto grad_E = need_embeddings_grad ? at::empty({F, K}, E.options()) : at::empty({0}, E.options());
+  auto a = prepare_fm_interaction_backward(grad_p, values, indices, embeddings, need_values_grad,
+                                           need_embeddings_grad, check_indices);
+  const at::Tensor &g = a.g, &v = a.v, &idx = a.idx, &E = a.E;
+  at::Tensor &grad_v = a.grad_v, &grad_E = a.grad_E;
+  const int64_t B = a.B, k = a.k, F = a.F, K = a.K;
   if (!need_values_grad && !need_embeddings_grad) return {grad_v, grad_E};
   if (need_embeddings_grad && B == 0) grad_E.zero_();
   if (B == 0) return {grad_v, grad_E};

@@ -66,10 +66,21 @@ topk_select_kernel(const scalar_t* __restrict__ z,  // [rows, F]
   for (int shift = 24; shift >= 0; shift -= 8) {
     for (int b = tid; b < 256; b += kSelectThreads) hist[b] = 0;
     __syncthreads();
+    // ReLU makes most entries exactly 0 (bucket 0 in every pass): count those
+    // per thread and add them once per warp instead of one shared atomic each
+    unsigned int zeros = 0;
     for (int64_t i = tid; i < F; i += kSelectThreads) {
       const unsigned int u = __float_as_uint(relu_value(zr[i]));
-      if ((u & mask) == prefix) atomicAdd(&hist[(u >> shift) & 255u], 1u);
+      if ((u & mask) == prefix) {
+        if (u == 0u) {
+          ++zeros;
+        } else {
+          atomicAdd(&hist[(u >> shift) & 255u], 1u);
+        }
+      }
     }
+    zeros = warp_sum(zeros);
+    if (lane == 0 && zeros != 0u) atomicAdd(&hist[0], zeros);
     __syncthreads();
     if (tid == 0) {
       long long above = 0;
@@ -191,18 +202,15 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cuda(const at::Tensor& x,       /
                                                     const at::Tensor& bias,    // [F]
                                                     int64_t k,
                                                     const std::optional<at::Tensor>& pre_bias) {  // [d]
-  check_topk_encode_args(x, weight, bias, k, pre_bias);
-  TORCH_CHECK_VALUE(weight.size(0) < (int64_t(1) << 31), "dualenc_fast: topk_encode on CUDA supports ",
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto a = prepare_topk_encode(x, weight, bias, k, pre_bias);
+  TORCH_CHECK_VALUE(a.F < (int64_t(1) << 31), "dualenc_fast: topk_encode on CUDA supports ",
                     "F < 2^31 features, got weight of shape ", weight.sizes());
   TORCH_CHECK_TYPE(x.scalar_type() != at::kDouble, "dualenc_fast: topk_encode on CUDA supports ",
                    "float32, float16 and bfloat16; argument 'x' is ", describe(x));
-  const c10::cuda::CUDAGuard guard(x.device());
-  const auto xe = centered_input(x, pre_bias);
-  const auto W = weight.contiguous();
-  const auto b = bias.contiguous();
-  const int64_t B = xe.size(0), F = W.size(0);
-  auto values = at::empty({B, k}, xe.options());
-  auto indices = at::empty({B, k}, xe.options().dtype(at::kLong));
+  const at::Tensor &xe = a.xe, &W = a.W, &b = a.b;
+  at::Tensor &values = a.values, &indices = a.indices;
+  const int64_t B = a.B, F = a.F;
   if (B == 0) return {values, indices};
   const int64_t rows = encode_block_rows(B, F, xe.element_size(), int64_t(256) << 20);
   const auto Wt = W.t();
