@@ -48,7 +48,12 @@ export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$cap}"
 
 if want build; then
   prebuilt=$(ls .gpu-prebuilt/_C.*.so 2>/dev/null | head -1)
+  src=$(find csrc cmake CMakeLists.txt -type f | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-16)
   ok=1
+  if [ -n "$prebuilt" ] && [ "$(cat .gpu-prebuilt/source_hash 2>/dev/null)" != "$src" ]; then
+    log "build: prebuilt module is from other sources (hash $(cat .gpu-prebuilt/source_hash 2>/dev/null), tree $src); building"
+    prebuilt=""
+  fi
   if [ -n "$prebuilt" ]; then
     cp "$prebuilt" dualenc_fast/
     if "$PY" -c "import torch, dualenc_fast._C" > "$out/build.txt" 2>&1; then

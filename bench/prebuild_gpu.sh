@@ -46,4 +46,7 @@ PY
 rm -rf .gpu-prebuilt/wheel
 echo "$torch_version" > .gpu-prebuilt/torch_version
 git describe --always --dirty > .gpu-prebuilt/commit 2>/dev/null || true
+# what gpu_check.sh compares before it trusts the module: the compiled sources
+find csrc cmake CMakeLists.txt -type f | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-16 \
+  > .gpu-prebuilt/source_hash
 ls -la .gpu-prebuilt

@@ -101,10 +101,12 @@ def forward_fused(p, x, s: Shape, training=True):
     from . import ops
 
     v, i = ops.topk_encode(x, p["w_enc"], p["b_enc"], s.k)
-    sae = ops.sparse_decode(v, i, p["w_dec"])
+    # the indices come from topk_encode: no range check (a device sync on CUDA)
+    sae = ops.sparse_decode(v, i, p["w_dec"], check_indices=False)
     vn, i_n = ops.topn_reselect(v, i, s.N) if s.N < s.k else (v, i)
-    lin = ops.sparse_decode(vn, i_n, p["w_lin"], p["b_lin"])
-    inter = ops.integration_mlp(ops.fm_interaction(vn, i_n, p["emb"]), p["w1"], p["b1"], p["w2"], p["b2"], 0.15, training)
+    lin = ops.sparse_decode(vn, i_n, p["w_lin"], p["b_lin"], check_indices=False)
+    pooled = ops.fm_interaction(vn, i_n, p["emb"], check_indices=False)
+    inter = ops.integration_mlp(pooled, p["w1"], p["b1"], p["w2"], p["b2"], 0.15, training)
     return sae + lin + inter
 
 

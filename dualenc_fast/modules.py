@@ -27,7 +27,7 @@ import copy
 import importlib
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
 
 import torch
@@ -84,11 +84,18 @@ def resolve_backend(backend: str):
 
 @dataclass
 class SparseCode:
-    """A TopK code stored sparsely: ``values [B, k]``, ``indices [B, k]`` (int64)."""
+    """A TopK code stored sparsely: ``values [B, k]``, ``indices [B, k]`` (int64).
+
+    ``trusted`` marks indices made by this package's own selection (``encode``),
+    which are in range by construction: the compiled ops then skip their index
+    range check, a device sync per call on CUDA. Leave it False for indices
+    from elsewhere, and do not modify a trusted code's indices in place.
+    """
 
     values: Tensor
     indices: Tensor
     num_features: int
+    trusted: bool = field(default=False, compare=False, repr=False)
 
     @property
     def k(self) -> int:
@@ -99,7 +106,7 @@ class SparseCode:
         return RF.dense_code(self.values, self.indices, self.num_features)
 
     def detach(self) -> "SparseCode":
-        return SparseCode(self.values.detach(), self.indices, self.num_features)
+        return SparseCode(self.values.detach(), self.indices, self.num_features, self.trusted)
 
     def l0(self) -> Tensor:
         """Mean number of non-zero entries per row."""
@@ -301,10 +308,11 @@ class TopKSparseAutoencoder(_Common, nn.Module):
         if s is not None:
             x = x * s
         values, indices = self._fn.topk_encode(x, self.W_enc, self.b_enc, self.k, pre_bias=self.b_dec)
-        return SparseCode(values, indices, self.hidden_dim)
+        return SparseCode(values, indices, self.hidden_dim, trusted=True)
 
     def decode(self, code: SparseCode) -> Tensor:
-        out = self._fn.sparse_decode(code.values, code.indices, self.decoder.weight, self.output_bias())
+        out = self._fn.sparse_decode(code.values, code.indices, self.decoder.weight, self.output_bias(),
+                                     check_indices=not code.trusted)
         s = self._scale()
         return out if s is None else out / s
 
@@ -407,7 +415,8 @@ class TopKSparseAutoencoder(_Common, nn.Module):
         w = self.W_enc.index_select(0, dead)
         b = self.b_enc.index_select(0, dead)
         values, local = self._fn.topk_encode(x, w, b, kk, pre_bias=self.b_dec)
-        estimate = self._fn.sparse_decode(values, dead[local], self.decoder.weight)
+        # dead[local] lies in range by construction
+        estimate = self._fn.sparse_decode(values, dead[local], self.decoder.weight, check_indices=False)
         err = (estimate - residual).pow(2).sum(-1).mean()
         scale = residual.pow(2).sum(-1).mean().clamp_min(1e-12)
         return err / scale
@@ -495,8 +504,10 @@ class NeuralFactorizationMachine(_Common, nn.Module):
         values, indices = code.values, code.indices
         if self.top_n is not None and self.top_n < values.shape[-1]:
             values, indices = self._fn.topn_reselect(values, indices, self.top_n)
-        linear_out = self._fn.sparse_decode(values, indices, self.linear.weight, self.linear.bias)
-        p = self._fn.fm_interaction(values, indices, self.feature_embeddings.weight)
+        check = not code.trusted  # top-N re-selection keeps a subset of the indices
+        linear_out = self._fn.sparse_decode(values, indices, self.linear.weight, self.linear.bias,
+                                            check_indices=check)
+        p = self._fn.fm_interaction(values, indices, self.feature_embeddings.weight, check_indices=check)
         interaction_out = self._mlp(p)
         return NFMOutput(linear_out + interaction_out, linear_out, interaction_out)
 
@@ -518,7 +529,7 @@ class NeuralFactorizationMachine(_Common, nn.Module):
             width = min(width, self.top_n)
         width = max(1, min(width, f.shape[-1]))
         values, indices = RF.select_topk(f, width)
-        return tuple(self.forward_sparse(SparseCode(values, indices, f.shape[-1])))
+        return tuple(self.forward_sparse(SparseCode(values, indices, f.shape[-1], trusted=True)))
 
     @torch.no_grad()
     def _scale_outputs_(self, factor: float) -> None:

@@ -136,20 +136,24 @@ def _empty_or(t: Tensor, shape, needed: bool) -> Tensor:
 
 
 # --------------------------------------------------------------------------- sparse_decode
-def sparse_decode(values: Tensor, indices: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+def sparse_decode(
+    values: Tensor, indices: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, check_indices: bool = True
+) -> Tensor:
     """``out[b] = bias + sum_j values[b, j] * weight[indices[b, j]]``.
 
     values [B, k], indices [B, k] int64, weight [F, d], bias [d] or None -> [B, d].
     Repeated indices within a row add up. ``weight`` receives a dense [F, d]
     gradient built deterministically (pairs grouped by feature, no atomics).
     At high density (k/F) the products run as dense GEMMs instead of gathers:
-    see :func:`set_sparse_strategy`.
+    see :func:`set_sparse_strategy`. ``check_indices=False`` skips the range
+    check of ``indices`` (a device sync on CUDA), for indices this package's
+    own selection produced; out-of-range indices are then undefined behaviour.
     """
-    return _ops.sparse_decode.default(values, indices, weight, bias)
+    return _ops.sparse_decode.default(values, indices, weight, bias, bool(check_indices))
 
 
 @torch.library.register_fake("dualenc_fast::sparse_decode")
-def _sparse_decode_fake(values, indices, weight, bias):
+def _sparse_decode_fake(values, indices, weight, bias, check_indices=True):
     torch._check(values.dim() == 2 and weight.dim() == 2, lambda: "sparse_decode: values [B, k], weight [F, d]")
     return values.new_empty((values.shape[0], weight.shape[1]))
 
@@ -160,14 +164,15 @@ def _sparse_decode_backward_fake(grad_out, values, indices, weight, need_values,
 
 
 def _sparse_decode_setup(ctx, inputs, output):
-    values, indices, weight, bias = inputs
+    # inputs may omit check_indices when it has its default value
+    values, indices, weight, bias = inputs[:4]
     ctx.save_for_backward(values, indices, weight)
     ctx.has_bias = bias is not None
 
 
 def _sparse_decode_backward(ctx, grad):
     values, indices, weight = ctx.saved_tensors
-    need_v, _, need_w, need_b = ctx.needs_input_grad
+    need_v, _, need_w, need_b = ctx.needs_input_grad[:4]
     grad = grad.contiguous()
     gv = gw = gb = None
     if need_v or need_w:
@@ -176,7 +181,8 @@ def _sparse_decode_backward(ctx, grad):
         )
     if ctx.has_bias and need_b:
         gb = grad.sum(0)
-    return (gv if need_v else None), None, (gw if need_w else None), gb
+    grads = ((gv if need_v else None), None, (gw if need_w else None), gb)
+    return grads + (None,) * (len(ctx.needs_input_grad) - len(grads))
 
 
 torch.library.register_autograd(
@@ -251,18 +257,19 @@ torch.library.register_autograd(
 
 
 # --------------------------------------------------------------------------- fm_interaction
-def fm_interaction(values: Tensor, indices: Tensor, embeddings: Tensor) -> Tensor:
+def fm_interaction(values: Tensor, indices: Tensor, embeddings: Tensor, *, check_indices: bool = True) -> Tensor:
     """FM pooling ``0.5 * ((sum_j v_j E[i_j])^2 - sum_j (v_j E[i_j])^2)``.
 
     values [B, k], indices [B, k] int64, embeddings [F, K] -> [B, K], in one
     pass over the active rows; backward gives dvalues and the touched rows of
-    dembeddings (dense [F, K], deterministic).
+    dembeddings (dense [F, K], deterministic). ``check_indices`` as in
+    :func:`sparse_decode`.
     """
-    return _ops.fm_interaction.default(values, indices, embeddings)
+    return _ops.fm_interaction.default(values, indices, embeddings, bool(check_indices))
 
 
 @torch.library.register_fake("dualenc_fast::fm_interaction")
-def _fm_interaction_fake(values, indices, embeddings):
+def _fm_interaction_fake(values, indices, embeddings, check_indices=True):
     return values.new_empty((values.shape[0], embeddings.shape[1]))
 
 
@@ -272,19 +279,20 @@ def _fm_interaction_backward_fake(grad_p, values, indices, embeddings, need_v, n
 
 
 def _fm_interaction_setup(ctx, inputs, output):
-    values, indices, embeddings = inputs
+    values, indices, embeddings = inputs[:3]  # check_indices may be omitted
     ctx.save_for_backward(values, indices, embeddings)
 
 
 def _fm_interaction_backward(ctx, grad):
     values, indices, embeddings = ctx.saved_tensors
-    need_v, _, need_e = ctx.needs_input_grad
+    need_v, _, need_e = ctx.needs_input_grad[:3]
+    pad = (None,) * (len(ctx.needs_input_grad) - 3)
     if not (need_v or need_e):
-        return None, None, None
+        return (None, None, None) + pad
     gv, ge = _ops.fm_interaction_backward.default(
         grad.contiguous(), values, indices, embeddings, need_v, need_e, check_indices=False
     )
-    return (gv if need_v else None), None, (ge if need_e else None)
+    return ((gv if need_v else None), None, (ge if need_e else None)) + pad
 
 
 torch.library.register_autograd(

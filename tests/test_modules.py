@@ -151,6 +151,41 @@ def test_sparse_api_builds_no_dense_code(backend, monkeypatch):
     torch.testing.assert_close(out.code.dense(), dense_ref[1])
 
 
+def test_own_codes_skip_index_checks_and_foreign_codes_keep_them(monkeypatch):
+    """Indices from encode() are in range by construction, so the sparse ops are
+    told not to re-check them (a device sync each on CUDA); a code built by hand
+    is checked."""
+    pytest.importorskip("dualenc_fast.ops")
+    torch.manual_seed(0)
+    m = M.JointSAENFM(d, F, k, K, top_n=4, backend="fused").eval()
+    seen = []
+    fn = m.primary_sae._fn
+
+    class Spy:  # the ops namespace, recording the check_indices of the sparse ops
+        def __getattr__(self, name):
+            attr = getattr(fn, name)
+            if name not in ("sparse_decode", "fm_interaction"):
+                return attr
+
+            def spy(*a, **kw):
+                seen.append((name, kw.get("check_indices", True)))
+                return attr(*a, **kw)
+
+            return spy
+
+    monkeypatch.setattr(M._Common, "_fn", property(lambda self: Spy()))
+    out = m.forward_sparse(torch.randn(3, d))
+    assert seen and all(check is False for _, check in seen), seen
+    assert {n for n, _ in seen} == {"sparse_decode", "fm_interaction"}
+    seen.clear()
+    foreign = M.SparseCode(out.code.values, out.code.indices.clone(), F)
+    torch.testing.assert_close(m.decode(foreign), out.recon)
+    assert seen and all(check is True for _, check in seen), seen
+    bad = M.SparseCode(out.code.values, out.code.indices + F, F)
+    with pytest.raises(IndexError, match="must hold feature indices"):
+        m.decode(bad)
+
+
 def test_backend_resolution():
     with pytest.raises(ValueError, match="backend must be one of"):
         M.TopKSparseAutoencoder(d, F, k, backend="cuda")

@@ -318,6 +318,8 @@ def opcheck_cases(device):
         ("topk_encode", (r(4, 6), r(9, 6), r(9), 3, None)),
         ("topk_encode", (r(4, 6), r(9, 6), r(9), 3, r(6))),
         ("fm_interaction", (values, indices, r(9, 5))),
+        ("sparse_decode", (values, indices, r(9, 6), r(6), False)),  # check_indices=False
+        ("fm_interaction", (values, indices, r(9, 5), False)),
         ("integration_mlp", (r(4, 5), r(7, 5), r(7), r(6, 7), r(6), mask, 1.25)),
         ("integration_mlp", (r(4, 5), r(7, 5), r(7), r(6, 7), r(6), None, 1.0)),
         ("topn_reselect", (values, indices, 2)),
@@ -325,7 +327,7 @@ def opcheck_cases(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", range(8))
+@pytest.mark.parametrize("case", range(10))
 def test_opcheck(device, case, strategy):
     name, args = opcheck_cases(device)[case]
     if strategy == "dense" and name not in ("sparse_decode", "topk_encode"):

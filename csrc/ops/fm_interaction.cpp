@@ -34,8 +34,8 @@ void check_fm_interaction_backward_args(const at::Tensor& grad_p, const at::Tens
 }
 
 FmForwardArgs prepare_fm_interaction(const at::Tensor& values, const at::Tensor& indices,
-                                     const at::Tensor& embeddings) {
-  check_fm_interaction_args(values, indices, embeddings);
+                                     const at::Tensor& embeddings, bool check_indices) {
+  check_fm_interaction_args(values, indices, embeddings, check_indices);
   FmForwardArgs a;
   a.v = values.contiguous();
   a.idx = indices.contiguous();
@@ -69,7 +69,7 @@ FmBackwardArgs prepare_fm_interaction_backward(const at::Tensor& grad_p, const a
 }  // namespace dualenc_fast
 
 TORCH_LIBRARY_FRAGMENT(dualenc_fast, m) {
-  m.def("fm_interaction(Tensor values, Tensor indices, Tensor embeddings) -> Tensor");
+  m.def("fm_interaction(Tensor values, Tensor indices, Tensor embeddings, bool check_indices=True) -> Tensor");
   // Returns (grad_values [B, k] or [0], grad_embeddings [F, K] or [0]); the
   // autograd formula passes check_indices=False (the forward checked them).
   m.def(

@@ -17,7 +17,7 @@ struct FmForwardArgs {
   int64_t B, k, K;
 };
 FmForwardArgs prepare_fm_interaction(const at::Tensor& values, const at::Tensor& indices,
-                                     const at::Tensor& embeddings);
+                                     const at::Tensor& embeddings, bool check_indices);
 
 struct FmBackwardArgs {
   at::Tensor g, v, idx, E;  // [B, K], [B, k], [B, k], [F, K]

@@ -39,7 +39,11 @@ void check_sparse_decode_backward_args(const at::Tensor& grad_out, const at::Ten
 }  // namespace dualenc_fast
 
 TORCH_LIBRARY_FRAGMENT(dualenc_fast, m) {
-  m.def("sparse_decode(Tensor values, Tensor indices, Tensor weight, Tensor? bias) -> Tensor");
+  // check_indices=False skips the index range check (a device sync on CUDA)
+  // for indices produced by this package's own selection.
+  m.def(
+      "sparse_decode(Tensor values, Tensor indices, Tensor weight, Tensor? bias, bool check_indices=True) "
+      "-> Tensor");
   // Returns (grad_values [B, k] or [0], grad_weight [F, d] or [0]). The
   // autograd formula passes check_indices=False: its indices passed the
   // forward's check (or came from topk_encode).

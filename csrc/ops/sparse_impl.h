@@ -53,8 +53,9 @@ template <typename Prims>
 at::Tensor sparse_decode_impl(const at::Tensor& values,   // [B, k]
                               const at::Tensor& indices,  // [B, k] int64
                               const at::Tensor& weight,   // [F, d]
-                              const std::optional<at::Tensor>& bias) {  // [d] or None
-  check_sparse_decode_args(values, indices, weight, bias);
+                              const std::optional<at::Tensor>& bias,  // [d] or None
+                              bool check_indices) {
+  check_sparse_decode_args(values, indices, weight, bias, check_indices);
   const auto v = values.contiguous();
   const auto idx = indices.contiguous();
   const auto W = weight.contiguous();

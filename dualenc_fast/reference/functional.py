@@ -47,6 +47,8 @@ def sparse_decode(
     indices: Tensor,  # [B, k] int64
     weight: Tensor,  # [F, d]
     bias: Optional[Tensor] = None,  # [d]
+    *,
+    check_indices: bool = True,  # accepted for parity with the ops; indexing checks anyway
 ) -> Tensor:
     """``out[b] = bias + sum_j values[b, j] * weight[indices[b, j]]`` -> [B, d]."""
     out = (values.unsqueeze(-1) * weight[indices]).sum(dim=-2)
@@ -59,6 +61,8 @@ def fm_interaction(
     values: Tensor,  # [B, k]
     indices: Tensor,  # [B, k] int64
     embeddings: Tensor,  # [F, K]
+    *,
+    check_indices: bool = True,  # accepted for parity with the ops; indexing checks anyway
 ) -> Tensor:
     """FM pooling ``0.5 * ((sum_i v_i V_i)^2 - sum_i (v_i V_i)^2)`` -> [B, K]."""
     terms = values.unsqueeze(-1) * embeddings[indices]  # [B, k, K]

@@ -101,9 +101,9 @@ DUALENC_SIMD void fm_backward_features(const FeatureCsr& csr, const scalar_t* gp
 
 at::Tensor fm_interaction_cpu(const at::Tensor& values,      // [B, k]
                               const at::Tensor& indices,     // [B, k] int64
-                              const at::Tensor& embeddings)  // [F, K]
-{
-  auto a = prepare_fm_interaction(values, indices, embeddings);
+                              const at::Tensor& embeddings,  // [F, K]
+                              bool check_indices) {
+  auto a = prepare_fm_interaction(values, indices, embeddings, check_indices);
   const at::Tensor &v = a.v, &idx = a.idx, &E = a.E;
   at::Tensor& out = a.out;
   const int64_t B = a.B, k = a.k, K = a.K;

@@ -98,10 +98,10 @@ __global__ void fm_backward_features_kernel(const int64_t* __restrict__ rowptr, 
 
 at::Tensor fm_interaction_cuda(const at::Tensor& values,      // [B, k]
                                const at::Tensor& indices,     // [B, k] int64
-                               const at::Tensor& embeddings)  // [F, K]
-{
+                               const at::Tensor& embeddings,  // [F, K]
+                               bool check_indices) {
   const c10::cuda::CUDAGuard guard(values.device());
-  auto a = prepare_fm_interaction(values, indices, embeddings);
+  auto a = prepare_fm_interaction(values, indices, embeddings, check_indices);
   const at::Tensor &v = a.v, &idx = a.idx, &E = a.E;
   at::Tensor& out = a.out;
   const int64_t B = a.B, k = a.k, K = a.K;

@@ -13,9 +13,10 @@ namespace {
 at::Tensor sparse_decode_cuda(const at::Tensor& values,   // [B, k]
                               const at::Tensor& indices,  // [B, k] int64
                               const at::Tensor& weight,   // [F, d]
-                              const std::optional<at::Tensor>& bias) {  // [d] or None
+                              const std::optional<at::Tensor>& bias,  // [d] or None
+                              bool check_indices) {
   const c10::cuda::CUDAGuard guard(values.device());
-  return sparse_decode_impl<Prims>(values, indices, weight, bias);
+  return sparse_decode_impl<Prims>(values, indices, weight, bias, check_indices);
 }
 
 std::tuple<at::Tensor, at::Tensor> sparse_decode_backward_cuda(
