@@ -8,7 +8,8 @@
 #   test      the op tests, CPU and CUDA variants
 #   sanitize  compute-sanitizer memcheck on the CUDA op tests, racecheck and
 #             synccheck on the CUDA top-k tests
-#   bench     dualenc bench at P (bfloat16, float32) and C1 on the GPU
+#   bench     dualenc bench at P (bfloat16, float32; with a profile of the
+#             fused step) and C1 on the GPU
 #   sweep     sparse_decode gather vs dense at P's shape over k (the "auto"
 #             thresholds of ops.set_sparse_strategy)
 # Everything printed is also written under bench/results/gpu-<device>-<date>/,
@@ -97,7 +98,7 @@ if want bench; then
   for dt in bfloat16 float32; do
     log "bench: P $dt"
     run "bench-P-$dt" 150 "$PY" -m dualenc_fast.cli bench --config P --device cuda --dtype "$dt" --repeats 5 \
-      --no-memory --out "$out/bench-P-$dt.json"
+      --no-memory --profile --out "$out/bench-P-$dt.json"
   done
   log "bench: C1 float32"
   run bench-C1-float32 120 "$PY" -m dualenc_fast.cli bench --config C1 --device cuda --repeats 10 --no-memory \

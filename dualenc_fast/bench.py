@@ -338,10 +338,43 @@ def density_sweep(s: Shape, device, dtype, ks, repeats: int = 3, log=print) -> d
     return {"shape": asdict(s), "strategy": before, "rows": rows}
 
 
+# --------------------------------------------------------------------------- profile
+def profile_step(step: Callable, x, device, top: int = 15, log=print) -> list:
+    """Where one training step's time goes: torch.profiler over one step (after
+    a warm-up step), aggregated by op name, sorted by self time on the device
+    (CUDA) or the CPU. Returns the top rows as dicts."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = str(device).startswith("cuda")
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    step(x)
+    _sync(device)
+    with profile(activities=acts) as prof:
+        step(x)
+        _sync(device)
+    rows = []
+    for e in prof.key_averages():
+        dev = getattr(e, "self_device_time_total", None)
+        if dev is None:
+            dev = getattr(e, "self_cuda_time_total", 0.0)
+        rows.append({"name": e.key, "calls": e.count, "self_cpu_us": e.self_cpu_time_total,
+                     "self_device_us": dev if cuda else 0.0})
+    key = "self_device_us" if cuda else "self_cpu_us"
+    rows = [r for r in rows if r[key] > 0]
+    rows.sort(key=lambda r: r[key], reverse=True)
+    total = sum(r[key] for r in rows) or 1.0
+    where = "device" if cuda else "CPU"
+    log(f"profile of one fused step: self {where} time by op (top {top} of {len(rows)}, "
+        f"{total / 1e3:.2f} ms in all):")
+    for r in rows[:top]:
+        log(f"  {r[key] / 1e3:9.3f} ms {100 * r[key] / total:5.1f}%  x{r['calls']:<4} {r['name']}")
+    return rows[:top]
+
+
 # --------------------------------------------------------------------------- driver
 def run(config: str = "C1", device: str = "cpu", dtype: str = "float32", repeats: int = 5, warmup: int = 1,
         paths=("reference", "peer", "fused", "module"), memory: bool = True, out: str | None = None, log=print,
-        sweep_ks=None) -> dict:
+        sweep_ks=None, profile: bool = False) -> dict:
     if config not in CONFIGS:
         raise ValueError(f"unknown config {config!r}; choose one of {sorted(CONFIGS)}")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -404,6 +437,8 @@ def run(config: str = "C1", device: str = "cpu", dtype: str = "float32", repeats
         log(f"  topk_encode {figs['topk_encode_s'] * 1e3:.3f} ms = "
             f"{figs['topk_encode_over_bare_gemm']:.2f} x a bare GEMM of the same shape "
             f"({figs['bare_gemm_s'] * 1e3:.3f} ms)")
+    if profile and "fused" in steps:
+        result["profile_fused"] = profile_step(steps["fused"], x, device, log=log)
     if sweep_ks:
         result["density_sweep"] = density_sweep(s, device, dt, sweep_ks, repeats=max(3, repeats), log=log)
     if out:

@@ -24,6 +24,8 @@ def register(sub):
                    help="also time sparse_decode (forward + backward) in its gather and dense forms at "
                    "the config's B, F, d with each of these k: the evidence for the 'auto' density "
                    "thresholds (dualenc_fast.ops.set_sparse_strategy)")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one fused step and print where its time goes, by op")
     p.add_argument("--out", default=None, help="write the JSON result here")
     p.set_defaults(func=run)
 
@@ -45,5 +47,6 @@ def run(args) -> int:
         except ValueError:
             raise ValueError(f"--sweep-k must be comma-separated integers, got {args.sweep_k!r}") from None
     bench.run(args.config, args.device, args.dtype, args.repeats, args.warmup, paths,
-              memory=not args.no_memory, out=args.out, sweep_ks=sweep)
+              memory=not args.no_memory, out=args.out, sweep_ks=sweep,
+              profile=args.profile)
     return 0
