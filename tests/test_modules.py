@@ -186,6 +186,31 @@ def test_own_codes_skip_index_checks_and_foreign_codes_keep_them(monkeypatch):
         m.decode(bad)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["gather", "dense"])
+def test_fused_training_step_never_waits_for_the_device(mode):
+    """A fused forward + backward on CUDA queues work without a host sync (no
+    index-check round trip, no bincount), in both forms of the sparse products,
+    so steps pipeline and can be captured in a CUDA graph."""
+    from dualenc_fast import ops
+
+    torch.manual_seed(0)
+    m = M.JointSAENFM(d, F, k, K, top_n=4, backend="fused", dropout=0.1).cuda().train()
+    x = torch.randn(16, d, device="cuda")
+    before = ops.sparse_strategy()
+    ops.set_sparse_strategy(mode)
+    try:
+        m.forward_sparse(x).recon.pow(2).mean().backward()  # warm-up (allocator, cuBLAS handles)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            m.forward_sparse(x).recon.pow(2).mean().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    finally:
+        ops.set_sparse_strategy(**before)
+
+
 def test_backend_resolution():
     with pytest.raises(ValueError, match="backend must be one of"):
         M.TopKSparseAutoencoder(d, F, k, backend="cuda")
