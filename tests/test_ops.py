@@ -175,6 +175,31 @@ def test_topk_encode_nan_raises():
     x = torch.tensor([[float("nan"), 1.0]])
     with pytest.raises(ValueError, match="NaN"):
         ops.topk_encode(x, torch.ones(4, 2), torch.zeros(4), 2)
+    # a NaN among the values scanned after the heap fills (in a full block of 16 and in the tail)
+    for where in (40, 69):
+        bias = torch.zeros(70)
+        bias[where] = float("nan")
+        with pytest.raises(ValueError, match="NaN"):
+            ops.topk_encode(torch.ones(3, 2), torch.ones(70, 2), bias, 2)
+
+
+def test_topk_encode_late_winners_in_blocks():
+    """Winners that arrive after the heap is full, at every position of a block
+    of 16 and in the tail, with ties against earlier features."""
+    F, k = 16 * 5 + 7, 5
+    rows = []
+    for pos in range(k, F):
+        b = torch.zeros(F)
+        b[:k] = 1.0
+        b[pos] = 2.0 if pos % 3 else 1.0  # a clear winner, or a tie the earlier feature keeps
+        rows.append(b)
+    bias = torch.stack(rows)  # one row of biases per case
+    x = torch.zeros(len(rows), 1)
+    w = torch.zeros(F, 1)
+    for r in range(len(rows)):
+        v, i = ops.topk_encode(x[r:r + 1], w, bias[r], k)
+        rv, ri = R.topk_encode(x[r:r + 1], w, bias[r], k)
+        assert torch.equal(i, ri) and torch.equal(v, rv), (r, i, ri)
 
 
 # --------------------------------------------------------------------------- fm_interaction

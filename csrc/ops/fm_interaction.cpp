@@ -33,16 +33,19 @@ void check_fm_interaction_backward_args(const at::Tensor& grad_p, const at::Tens
   check_same_device(grad_p, "grad_p", values, "values");
 }
 
+FmCode::FmCode(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& embeddings)
+    : v(values.contiguous()),
+      idx(indices.contiguous()),
+      E(embeddings.contiguous()),
+      B(v.size(0)),
+      k(v.size(1)),
+      F(E.size(0)),
+      K(E.size(1)) {}
+
 FmForwardArgs prepare_fm_interaction(const at::Tensor& values, const at::Tensor& indices,
                                      const at::Tensor& embeddings, bool check_indices) {
   check_fm_interaction_args(values, indices, embeddings, check_indices);
-  FmForwardArgs a;
-  a.v = values.contiguous();
-  a.idx = indices.contiguous();
-  a.E = embeddings.contiguous();
-  a.B = a.v.size(0);
-  a.k = a.v.size(1);
-  a.K = a.E.size(1);
+  FmForwardArgs a(values, indices, embeddings);
   a.out = at::empty({a.B, a.K}, a.v.options());
   return a;
 }
@@ -52,15 +55,8 @@ FmBackwardArgs prepare_fm_interaction_backward(const at::Tensor& grad_p, const a
                                                bool need_values_grad, bool need_embeddings_grad,
                                                bool check_indices) {
   check_fm_interaction_backward_args(grad_p, values, indices, embeddings, check_indices);
-  FmBackwardArgs a;
+  FmBackwardArgs a(values, indices, embeddings);
   a.g = grad_p.contiguous();
-  a.v = values.contiguous();
-  a.idx = indices.contiguous();
-  a.E = embeddings.contiguous();
-  a.B = a.v.size(0);
-  a.k = a.v.size(1);
-  a.F = a.E.size(0);
-  a.K = a.E.size(1);
   a.grad_v = need_values_grad ? at::empty({a.B, a.k}, a.v.options()) : at::empty({0}, a.v.options());
   a.grad_E = need_embeddings_grad ? at::empty({a.F, a.K}, a.E.options()) : at::empty({0}, a.E.options());
   return a;

@@ -18,6 +18,19 @@
 #include "ops/topk_encode.h"
 
 namespace dualenc_fast::cpu {
+
+// Whether any of z[0..16) + bias[0..16) is above `threshold` or NaN.
+template <typename scalar_t, typename acc_t>
+DUALENC_SIMD bool block_may_enter(const scalar_t* __restrict__ z, const scalar_t* __restrict__ bias,
+                                  acc_t threshold) {
+  int hit = 0;
+  for (int l = 0; l < 16; ++l) {
+    const acc_t f = static_cast<acc_t>(z[l]) + static_cast<acc_t>(bias[l]);
+    hit |= !(f <= threshold);  // true for f > threshold and for NaN
+  }
+  return hit != 0;
+}
+
 namespace {
 
 template <typename acc_t>
@@ -51,20 +64,27 @@ struct RowSelector {
       if (size == k) std::make_heap(heap, heap + k, ahead<acc_t>);
     }
     if (c == n) return finite;
-    acc_t threshold = heap[0].v;
-    for (; c < n; ++c) {
-      acc_t f = static_cast<acc_t>(z[c]) + static_cast<acc_t>(bias[c]);
-      if (f > threshold) {  // NaN compares false: it never enters
-        std::pop_heap(heap, heap + k, ahead<acc_t>);
-        heap[k - 1] = {f, f0 + c};
-        std::push_heap(heap, heap + k, ahead<acc_t>);
-        threshold = heap[0].v;
-      } else if (f != f) {
-        finite = false;
+    // Once the heap is full almost every value loses to the threshold: test a
+    // block of kBlock values branch-free (a loop the compiler vectorises) and
+    // look at single values only in the rare block with a winner or a NaN.
+    constexpr int64_t kBlock = 16;
+    for (; c < n; c += kBlock) {
+      const int64_t m = std::min(kBlock, n - c);
+      if (m == kBlock && !block_may_enter<scalar_t, acc_t>(z + c, bias + c, heap[0].v)) continue;
+      for (int64_t l = c; l < c + m; ++l) {
+        const acc_t f = static_cast<acc_t>(z[l]) + static_cast<acc_t>(bias[l]);
+        if (f > heap[0].v) {  // NaN compares false: it never enters
+          std::pop_heap(heap, heap + k, ahead<acc_t>);
+          heap[k - 1] = {f, f0 + l};
+          std::push_heap(heap, heap + k, ahead<acc_t>);
+        } else if (f != f) {
+          finite = false;
+        }
       }
     }
     return finite;
   }
+
 
   template <typename scalar_t>
   void write(scalar_t* out_v, int64_t* out_i) {
