@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <optional>
 #include <string>
 
 namespace dualenc_fast {
@@ -50,6 +51,21 @@ inline void check_same_device(const at::Tensor& t, const char* name, const at::T
   TORCH_CHECK_VALUE(t.device() == ref.device(), "dualenc_fast: argument '", name,
                     "' must be on the device of '", ref_name, "' (", ref.device(), "), got ",
                     describe(t));
+}
+
+// The dtype and then the device of `ref`.
+inline void check_matches(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
+  check_same_dtype(t, name, ref, ref_name);
+  check_same_device(t, name, ref, ref_name);
+}
+
+// An optional 1-D argument (a bias) of length `n`, matching `ref`; None passes.
+inline void check_optional_vector(const std::optional<at::Tensor>& t, const char* name, const char* shape,
+                                  int64_t n, const char* what, const at::Tensor& ref, const char* ref_name) {
+  if (!t.has_value() || !t->defined()) return;
+  check_dim(*t, name, 1, shape);
+  check_size(*t, name, 0, n, what);
+  check_matches(*t, name, ref, ref_name);
 }
 
 inline void check_index_dtype(const at::Tensor& t, const char* name) {

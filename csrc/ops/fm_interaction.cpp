@@ -15,8 +15,7 @@ void check_fm_interaction_args(const at::Tensor& values, const at::Tensor& indic
                                const at::Tensor& embeddings, bool check_indices) {
   check_sparse_code(values, indices);
   check_dim(embeddings, "embeddings", 2, "[F, K]");
-  check_same_dtype(embeddings, "embeddings", values, "values");
-  check_same_device(embeddings, "embeddings", values, "values");
+  check_matches(embeddings, "embeddings", values, "values");
   if (check_indices) {
     check_index_range(indices, "indices", embeddings.size(0), "embeddings.shape[0], the number of features");
   }
@@ -29,8 +28,7 @@ void check_fm_interaction_backward_args(const at::Tensor& grad_p, const at::Tens
   check_dim(grad_p, "grad_p", 2, "[B, K]");
   check_size(grad_p, "grad_p", 0, values.size(0), "values.shape[0] (B)");
   check_size(grad_p, "grad_p", 1, embeddings.size(1), "embeddings.shape[1] (K)");
-  check_same_dtype(grad_p, "grad_p", values, "values");
-  check_same_device(grad_p, "grad_p", values, "values");
+  check_matches(grad_p, "grad_p", values, "values");
 }
 
 FmCode::FmCode(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& embeddings)

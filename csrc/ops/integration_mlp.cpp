@@ -20,12 +20,10 @@ void check_mlp_weights(const at::Tensor& p, const at::Tensor& w1, const at::Tens
   check_dim(p, "p", 2, "[B, K]");
   check_floating(p, "p");
   check_dim(w1, "w1", 2, "[H, K]");
-  check_same_dtype(w1, "w1", p, "p");
-  check_same_device(w1, "w1", p, "p");
+  check_matches(w1, "w1", p, "p");
   check_size(w1, "w1", 1, p.size(1), "p.shape[1] (K)");
   check_dim(w2, "w2", 2, "[d, H]");
-  check_same_dtype(w2, "w2", p, "p");
-  check_same_device(w2, "w2", p, "p");
+  check_matches(w2, "w2", p, "p");
   check_size(w2, "w2", 1, w1.size(0), "w1.shape[0] (H)");
 }
 
@@ -47,12 +45,10 @@ std::tuple<at::Tensor, at::Tensor> integration_mlp_forward_impl(
   check_mlp_weights(p, w1, w2);
   check_dim(b1, "b1", 1, "[H]");
   check_size(b1, "b1", 0, w1.size(0), "w1.shape[0] (H)");
-  check_same_dtype(b1, "b1", p, "p");
-  check_same_device(b1, "b1", p, "p");
+  check_matches(b1, "b1", p, "p");
   check_dim(b2, "b2", 1, "[d]");
   check_size(b2, "b2", 0, w2.size(0), "w2.shape[0] (d)");
-  check_same_dtype(b2, "b2", p, "p");
-  check_same_device(b2, "b2", p, "p");
+  check_matches(b2, "b2", p, "p");
   check_mask(mask, p, scale);
   const bool drop = mask.has_value() && mask->defined();
   const auto pd = drop ? ew.apply_dropout(p, *mask, scale) : p;
@@ -70,19 +66,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> integrati
   check_dim(grad_out, "grad_out", 2, "[B, d]");
   check_size(grad_out, "grad_out", 0, p.size(0), "p.shape[0] (B)");
   check_size(grad_out, "grad_out", 1, w2.size(0), "w2.shape[0] (d)");
-  check_same_dtype(grad_out, "grad_out", p, "p");
-  check_same_device(grad_out, "grad_out", p, "p");
+  check_matches(grad_out, "grad_out", p, "p");
   check_dim(hidden_pre, "hidden_pre", 2, "[B, H]");
   check_size(hidden_pre, "hidden_pre", 0, p.size(0), "p.shape[0] (B)");
   check_size(hidden_pre, "hidden_pre", 1, w1.size(0), "w1.shape[0] (H)");
-  check_same_dtype(hidden_pre, "hidden_pre", p, "p");
-  check_same_device(hidden_pre, "hidden_pre", p, "p");
+  check_matches(hidden_pre, "hidden_pre", p, "p");
   if (grad_hidden_pre.has_value() && grad_hidden_pre->defined()) {
     TORCH_CHECK_VALUE(grad_hidden_pre->sizes() == hidden_pre.sizes(), "dualenc_fast: argument ",
                       "'grad_hidden_pre' must have the shape of 'hidden_pre' ", hidden_pre.sizes(),
                       ", got ", describe(*grad_hidden_pre));
-    check_same_dtype(*grad_hidden_pre, "grad_hidden_pre", p, "p");
-    check_same_device(*grad_hidden_pre, "grad_hidden_pre", p, "p");
+    check_matches(*grad_hidden_pre, "grad_hidden_pre", p, "p");
   }
   const bool drop = mask.has_value() && mask->defined();
   // ReLU mask and the optional gradient of hidden_pre in one pass; h for dw2

@@ -12,14 +12,8 @@ void check_sparse_decode_args(const at::Tensor& values, const at::Tensor& indice
                               bool check_indices) {
   check_sparse_code(values, indices);
   check_dim(weight, "weight", 2, "[F, d]");
-  check_same_dtype(weight, "weight", values, "values");
-  check_same_device(weight, "weight", values, "values");
-  if (bias.has_value() && bias->defined()) {
-    check_dim(*bias, "bias", 1, "[d]");
-    check_size(*bias, "bias", 0, weight.size(1), "weight.shape[1] (d)");
-    check_same_dtype(*bias, "bias", values, "values");
-    check_same_device(*bias, "bias", values, "values");
-  }
+  check_matches(weight, "weight", values, "values");
+  check_optional_vector(bias, "bias", "[d]", weight.size(1), "weight.shape[1] (d)", values, "values");
   if (check_indices) {
     check_index_range(indices, "indices", weight.size(0), "weight.shape[0], the number of features");
   }
@@ -32,8 +26,7 @@ void check_sparse_decode_backward_args(const at::Tensor& grad_out, const at::Ten
   check_dim(grad_out, "grad_out", 2, "[B, d]");
   check_size(grad_out, "grad_out", 0, values.size(0), "values.shape[0] (B)");
   check_size(grad_out, "grad_out", 1, weight.size(1), "weight.shape[1] (d)");
-  check_same_dtype(grad_out, "grad_out", values, "values");
-  check_same_device(grad_out, "grad_out", values, "values");
+  check_matches(grad_out, "grad_out", values, "values");
 }
 
 }  // namespace dualenc_fast

@@ -20,21 +20,14 @@ void check_topk_encode_args(const at::Tensor& x, const at::Tensor& weight, const
   check_dim(x, "x", 2, "[B, d]");
   check_floating(x, "x");
   check_dim(weight, "weight", 2, "[F, d]");
-  check_same_dtype(weight, "weight", x, "x");
-  check_same_device(weight, "weight", x, "x");
+  check_matches(weight, "weight", x, "x");
   check_size(weight, "weight", 1, x.size(1), "x.shape[1] (d)");
   check_dim(bias, "bias", 1, "[F]");
-  check_same_dtype(bias, "bias", x, "x");
-  check_same_device(bias, "bias", x, "x");
+  check_matches(bias, "bias", x, "x");
   check_size(bias, "bias", 0, weight.size(0), "weight.shape[0] (F)");
   TORCH_CHECK_VALUE(k > 0 && k <= weight.size(0), "dualenc_fast: argument 'k' must satisfy ",
                     "0 < k <= F = ", weight.size(0), ", got k = ", k);
-  if (pre_bias.has_value() && pre_bias->defined()) {
-    check_dim(*pre_bias, "pre_bias", 1, "[d]");
-    check_size(*pre_bias, "pre_bias", 0, x.size(1), "x.shape[1] (d)");
-    check_same_dtype(*pre_bias, "pre_bias", x, "x");
-    check_same_device(*pre_bias, "pre_bias", x, "x");
-  }
+  check_optional_vector(pre_bias, "pre_bias", "[d]", x.size(1), "x.shape[1] (d)", x, "x");
 }
 
 void check_topk_encode_backward_args(const at::Tensor& grad_values, const at::Tensor& values,
@@ -46,22 +39,14 @@ void check_topk_encode_backward_args(const at::Tensor& grad_values, const at::Te
   check_dim(grad_values, "grad_values", 2, "[B, k]");
   TORCH_CHECK_VALUE(grad_values.sizes() == values.sizes(), "dualenc_fast: argument 'grad_values' ",
                     "must have the shape of 'values' ", values.sizes(), ", got ", describe(grad_values));
-  check_same_dtype(grad_values, "grad_values", values, "values");
-  check_same_device(grad_values, "grad_values", values, "values");
+  check_matches(grad_values, "grad_values", values, "values");
   check_dim(x, "x", 2, "[B, d]");
-  check_same_dtype(x, "x", values, "values");
-  check_same_device(x, "x", values, "values");
+  check_matches(x, "x", values, "values");
   check_size(x, "x", 0, values.size(0), "values.shape[0] (B)");
   check_dim(weight, "weight", 2, "[F, d]");
-  check_same_dtype(weight, "weight", values, "values");
-  check_same_device(weight, "weight", values, "values");
+  check_matches(weight, "weight", values, "values");
   check_size(weight, "weight", 1, x.size(1), "x.shape[1] (d)");
-  if (pre_bias.has_value() && pre_bias->defined()) {
-    check_dim(*pre_bias, "pre_bias", 1, "[d]");
-    check_size(*pre_bias, "pre_bias", 0, x.size(1), "x.shape[1] (d)");
-    check_same_dtype(*pre_bias, "pre_bias", values, "values");
-    check_same_device(*pre_bias, "pre_bias", values, "values");
-  }
+  check_optional_vector(pre_bias, "pre_bias", "[d]", x.size(1), "x.shape[1] (d)", values, "values");
   if (check_indices) {
     check_index_range(indices, "indices", weight.size(0), "weight.shape[0], the number of features");
   }
