@@ -244,6 +244,18 @@ def transient_memory(path: str, s: Shape, dtype: str = "float32") -> dict:
 
 
 # --------------------------------------------------------------------------- op-level
+def _in_form(mode: str, fn: Callable) -> Callable:
+    """A case for :func:`time_paths` running ``fn()`` with the sparse products
+    in one form ("gather" or "dense"); the strategy in force comes back after."""
+    from . import ops
+
+    def case(_):
+        with ops.sparse_strategy_scope(mode):
+            return fn()
+
+    return case
+
+
 def op_figures(s: Shape, device, dtype, repeats: int) -> dict:
     """sparse_decode (gather form) against the device-copy bandwidth, and its
     dense form beside it; topk_encode against a bare GEMM of the same shape;
@@ -252,31 +264,20 @@ def op_figures(s: Shape, device, dtype, repeats: int) -> dict:
 
     p = make_params(s, device, dtype)
     x = torch.randn(s.B, s.d, device=device, dtype=dtype)
-    before = ops.sparse_strategy()
-
-    def decode(mode):
-        def fn(_):
-            ops.set_sparse_strategy(mode)
-            return ops.sparse_decode(v, i, w)
-        return fn
-
-    try:
-        with torch.no_grad():
-            v, i = ops.topk_encode(x, p["w_enc"], p["b_enc"], s.k)
-            w = p["w_dec"].detach()
-            wt = p["w_enc"].detach().T
-            big = torch.empty(256 * 2**20 // 4 if device != "cpu" else 64 * 2**20 // 4, device=device)
-            big2 = torch.empty_like(big)
-            cases = {
-                "sparse_decode": decode("gather"),
-                "sparse_decode_dense": decode("dense"),
-                "topk_encode": lambda _: ops.topk_encode(x, p["w_enc"].detach(), p["b_enc"].detach(), s.k),
-                "bare_gemm": lambda _: torch.mm(x, wt),
-                "device_copy": lambda _: big2.copy_(big),
-            }
-            times = time_paths(cases, None, device, repeats, warmup=1)
-    finally:
-        ops.set_sparse_strategy(**before)
+    with torch.no_grad():
+        v, i = ops.topk_encode(x, p["w_enc"], p["b_enc"], s.k)
+        w = p["w_dec"].detach()
+        wt = p["w_enc"].detach().T
+        big = torch.empty(256 * 2**20 // 4 if device != "cpu" else 64 * 2**20 // 4, device=device)
+        big2 = torch.empty_like(big)
+        cases = {
+            "sparse_decode": _in_form("gather", lambda: ops.sparse_decode(v, i, w)),
+            "sparse_decode_dense": _in_form("dense", lambda: ops.sparse_decode(v, i, w)),
+            "topk_encode": lambda _: ops.topk_encode(x, p["w_enc"].detach(), p["b_enc"].detach(), s.k),
+            "bare_gemm": lambda _: torch.mm(x, wt),
+            "device_copy": lambda _: big2.copy_(big),
+        }
+        times = time_paths(cases, None, device, repeats, warmup=1)
     med = {n: statistics.median(t) for n, t in times.items()}
     elt = torch.empty(0, dtype=dtype).element_size()
     # bytes a gather must move at least: the selected rows, codes and the output
@@ -304,38 +305,27 @@ def density_sweep(s: Shape, device, dtype, ks, repeats: int = 3, log=print) -> d
     :func:`dualenc_fast.ops.set_sparse_strategy`."""
     from . import ops
 
-    before = ops.sparse_strategy()
     gen = torch.Generator().manual_seed(0)
     w = (torch.randn(s.F, s.d, generator=gen) * s.d ** -0.5).to(device, dtype).requires_grad_(True)
     rows = []
     log(f"sparse_decode forward + backward, B={s.B} F={s.F} d={s.d} {device} {dtype}:")
     log(f"  {'k':>6} {'density':>8} {'gather ms':>10} {'dense ms':>10} {'dense/gather':>12}  picks")
-    try:
-        for k in ks:
-            if not 0 < k <= s.F:
-                raise ValueError(f"density sweep: need 0 < k <= F = {s.F}, got k = {k}")
-            idx = torch.stack([torch.randperm(s.F, generator=gen)[:k] for _ in range(s.B)]).to(device)
-            v = torch.rand(s.B, k, generator=gen).to(device, dtype).requires_grad_(True)
-            up = torch.randn(s.B, s.d, generator=gen).to(device, dtype)
-
-            def form(mode):
-                def fn(_):
-                    ops.set_sparse_strategy(mode)
-                    torch.autograd.grad(ops.sparse_decode(v, idx, w), (v, w), up)
-                return fn
-
-            times = time_paths({"gather": form("gather"), "dense": form("dense")}, None, device, repeats, warmup=1)
-            med = {n: statistics.median(t) for n, t in times.items()}
-            ops.set_sparse_strategy(**before)
-            picks = "dense" if ops.uses_dense_path(v, s.F) else "gather"  # under the settings in force
-            row = dict(k=k, density=k / s.F, gather_s=med["gather"], dense_s=med["dense"],
-                       dense_over_gather=med["dense"] / med["gather"], picks=picks)
-            rows.append(row)
-            log(f"  {k:>6} {k / s.F:>8.2%} {med['gather'] * 1e3:>10.2f} {med['dense'] * 1e3:>10.2f} "
-                f"{row['dense_over_gather']:>12.2f}  {picks}")
-    finally:
-        ops.set_sparse_strategy(**before)
-    return {"shape": asdict(s), "strategy": before, "rows": rows}
+    for k in ks:
+        if not 0 < k <= s.F:
+            raise ValueError(f"density sweep: need 0 < k <= F = {s.F}, got k = {k}")
+        idx = torch.stack([torch.randperm(s.F, generator=gen)[:k] for _ in range(s.B)]).to(device)
+        v = torch.rand(s.B, k, generator=gen).to(device, dtype).requires_grad_(True)
+        up = torch.randn(s.B, s.d, generator=gen).to(device, dtype)
+        step = lambda: torch.autograd.grad(ops.sparse_decode(v, idx, w), (v, w), up)  # noqa: E731
+        cases = {"gather": _in_form("gather", step), "dense": _in_form("dense", step)}
+        med = {n: statistics.median(t) for n, t in time_paths(cases, None, device, repeats, warmup=1).items()}
+        picks = "dense" if ops.uses_dense_path(v, s.F) else "gather"  # under the settings in force
+        row = dict(k=k, density=k / s.F, gather_s=med["gather"], dense_s=med["dense"],
+                   dense_over_gather=med["dense"] / med["gather"], picks=picks)
+        rows.append(row)
+        log(f"  {k:>6} {k / s.F:>8.2%} {med['gather'] * 1e3:>10.2f} {med['dense'] * 1e3:>10.2f} "
+            f"{row['dense_over_gather']:>12.2f}  {picks}")
+    return {"shape": asdict(s), "strategy": ops.sparse_strategy(), "rows": rows}
 
 
 # --------------------------------------------------------------------------- profile

@@ -11,7 +11,8 @@ sorted by value descending, then feature index ascending.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import contextlib
+from typing import Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -30,6 +31,7 @@ __all__ = [
     "set_sparse_strategy",
     "sparse_decode",
     "sparse_strategy",
+    "sparse_strategy_scope",
     "topk_encode",
     "topn_reselect",
     "uses_dense_path",
@@ -129,6 +131,19 @@ def set_sparse_strategy(
         raise ValueError(f"dualenc_fast: argument 'dense_block_bytes' must be an int >= 1, got {block!r}")
     _ext._C.set_sparse_strategy(_MODES.index(mode), vals["cpu_min_density"], vals["cuda_min_density"],
                                 vals["cuda_fp32_min_density"], block)
+
+
+@contextlib.contextmanager
+def sparse_strategy_scope(mode: Optional[str] = None, **settings) -> Iterator[None]:
+    """:func:`set_sparse_strategy` for the length of a ``with`` block: the
+    settings in force before it (including changes made inside it) are put
+    back when the block ends."""
+    before = sparse_strategy()
+    set_sparse_strategy(mode, **settings)
+    try:
+        yield
+    finally:
+        set_sparse_strategy(**before)
 
 
 def _empty_or(t: Tensor, shape, needed: bool) -> Tensor:

@@ -197,9 +197,7 @@ def test_fused_training_step_never_waits_for_the_device(mode):
     torch.manual_seed(0)
     m = M.JointSAENFM(d, F, k, K, top_n=4, backend="fused", dropout=0.1).cuda().train()
     x = torch.randn(16, d, device="cuda")
-    before = ops.sparse_strategy()
-    ops.set_sparse_strategy(mode)
-    try:
+    with ops.sparse_strategy_scope(mode):
         m.forward_sparse(x).recon.pow(2).mean().backward()  # warm-up (allocator, cuBLAS handles)
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
@@ -207,8 +205,6 @@ def test_fused_training_step_never_waits_for_the_device(mode):
             m.forward_sparse(x).recon.pow(2).mean().backward()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    finally:
-        ops.set_sparse_strategy(**before)
 
 
 def test_backend_resolution():

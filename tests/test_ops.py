@@ -54,10 +54,8 @@ def grads(fn, inputs, upstream):
 @pytest.fixture(params=["gather", "dense"])
 def strategy(request):
     """Runs a test under each form of the sparse products (ops.set_sparse_strategy)."""
-    before = ops.sparse_strategy()
-    ops.set_sparse_strategy(request.param)
-    yield request.param
-    ops.set_sparse_strategy(**before)
+    with ops.sparse_strategy_scope(request.param):
+        yield request.param
 
 
 def assert_close_all(a, b, dtype):
@@ -496,16 +494,13 @@ def test_dense_blocks_match_gather(device):
         loss = (out * up).sum() + (v * v).sum()
         return [out, v] + list(torch.autograd.grad(loss, ins))
 
-    before = ops.sparse_strategy()
-    try:
-        ops.set_sparse_strategy("gather")
+    with ops.sparse_strategy_scope("gather"):
         want = run()
-        for block in (1, 3 * 23 * 8):  # 1 row per block; 3 rows per block
-            ops.set_sparse_strategy("dense", dense_block_bytes=block)
-            for a, e in zip(run(), want):
-                torch.testing.assert_close(a, e, **tol(torch.float64))
-    finally:
-        ops.set_sparse_strategy(**before)
+    for block in (1, 3 * 23 * 8):  # 1 row per block; 3 rows per block
+        with ops.sparse_strategy_scope("dense", dense_block_bytes=block):
+            got = run()
+        for a, e in zip(got, want):
+            torch.testing.assert_close(a, e, **tol(torch.float64))
 
 
 def _ran_dense(fn) -> bool:
@@ -527,8 +522,7 @@ def test_auto_strategy_follows_density():
         assert ops.uses_dense_path(code[0], 40) == ran  # the query tells what the op does
         return ran
 
-    try:
-        ops.set_sparse_strategy("auto", cpu_min_density=0.10)
+    with ops.sparse_strategy_scope("auto", cpu_min_density=0.10):
         assert not dense(sparse_code)
         assert dense(dense_code)
         ops.set_sparse_strategy(cpu_min_density=0.01)
@@ -543,9 +537,7 @@ def test_auto_strategy_follows_density():
         assert ops._ext._C.use_dense_path(False, True, False, 4096, 1024, 50000)       # bf16, 2%
         assert not ops._ext._C.use_dense_path(False, False, False, 4096, 1024, 50000)  # float64, 2%
         assert not ops._ext._C.use_dense_path(True, False, True, 0, 8, 40)             # B = 0
-    finally:
-        ops.set_sparse_strategy(**before)
-    assert ops.sparse_strategy() == before
+    assert ops.sparse_strategy() == before  # the scope puts back what it found
 
 
 def test_sparse_strategy_bad_arguments():
