@@ -20,10 +20,14 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+RUN_LONG = os.environ.get("DUALENC_LONG", "") not in ("", "0")
+
+
 def pytest_collection_modifyitems(config, items):
-    if HAS_CUDA:
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA device")
+    skip_long = pytest.mark.skip(reason="long-running: set DUALENC_LONG=1 to run it")
     for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
+        if "cuda" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_cuda)
+        if "long" in item.keywords and not RUN_LONG:
+            item.add_marker(skip_long)
