@@ -5,7 +5,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("demo", "collect", "train", "eval", "analyze", "bench", "info")
+COMMANDS = ("demo", "reproduce", "collect", "train", "eval", "analyze", "bench", "info")
 
 
 def build_parser() -> argparse.ArgumentParser:

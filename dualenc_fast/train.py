@@ -13,6 +13,16 @@ with no sparsity penalty (TopK is the sparsity).
   on the residual ``x - sae_recon`` for ``steps``. With the same seed, stage 1
   is the ``sae`` run step for step.
 - ``joint``: SAE and NFM together on one loss.
+- ``joint_linear``: the joint model with the interaction path removed (SAE plus a
+  second decoder matrix and bias on the same code, ``sae_recon + linear_out``),
+  trained the same way: a control for what the interaction path adds.
+
+Paper-fidelity options: ``standardize`` (train on per-dimension z-scores from a
+10k-row sample, as the author's scripts do; the saved ``model/`` has the
+standardisation folded in and takes raw activations, ``model_standardized/``
+is the model as trained), ``adam_eps`` (the scripts use 1e-5), and
+``outliers`` = ``drop`` / ``clip`` for rows whose norm exceeds
+``outlier_multiple`` x the median row norm (counted in the summary).
 
 Every run writes ``out/config.json``, ``out/metrics.jsonl`` (one line per step,
 plus ``"split": "val"`` lines), ``out/checkpoints/`` (resumable, atomic),
@@ -22,6 +32,7 @@ reproduces the uninterrupted run exactly.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -38,7 +49,7 @@ from . import checkpoint as ckpt
 from .data import ActivationStore
 from .modules import JointSAENFM, TopKSparseAutoencoder
 
-KINDS = ("sae", "sae_bias", "sequential", "joint")
+KINDS = ("sae", "sae_bias", "sequential", "joint", "joint_linear")
 PRE_BIAS_INIT = ("none", "zeros", "mean", "geometric_median")
 
 
@@ -77,6 +88,11 @@ class TrainConfig:
     normalize_input: bool = False
     shuffle_shards: int = 4
     init_sae: Optional[str] = None  # sequential: a trained SAE to start stage 2 from
+    adam_eps: float = 1e-8
+    standardize: bool = False  # train on per-dimension z-scores (folded into model/ on save)
+    standardize_rows: int = 10_000
+    outliers: str = "keep"  # keep | drop | clip rows with norm > outlier_multiple x median norm
+    outlier_multiple: float = 10.0
 
     def validate(self) -> None:
         if self.kind not in KINDS:
@@ -96,6 +112,16 @@ class TrainConfig:
             raise ValueError("lr must be positive and final_lr non-negative")
         if self.init_sae is not None and self.kind != "sequential":
             raise ValueError("init_sae only applies to kind='sequential'")
+        if not self.adam_eps > 0:
+            raise ValueError(f"adam_eps must be positive, got {self.adam_eps}")
+        if self.outliers not in ("keep", "drop", "clip"):
+            raise ValueError(f"outliers must be 'keep', 'drop' or 'clip', got {self.outliers!r}")
+        if not self.outlier_multiple > 0:
+            raise ValueError(f"outlier_multiple must be positive, got {self.outlier_multiple}")
+        if self.standardize and self.normalize_input:
+            raise ValueError("standardize and normalize_input are exclusive: pick one input scaling")
+        if self.standardize_rows < 2:
+            raise ValueError(f"standardize_rows must be at least 2, got {self.standardize_rows}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -116,6 +142,8 @@ class TrainResult:
     model: torch.nn.Module
     out_dir: Path
     summary: dict = field(default_factory=dict)
+    # with standardize: the model as trained (takes z-scores); ``model`` takes raw activations
+    standardized_model: Optional[torch.nn.Module] = None
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -135,7 +163,8 @@ def build_model(config: TrainConfig, d: int) -> torch.nn.Module:
         return TopKSparseAutoencoder(d, config.features, config.k, backend=config.backend,
                                      decoder_bias=config.kind == "sae_bias", **sae_opts)
     return JointSAENFM(d, config.features, config.k, config.embedding_dim, top_n=config.top_n,
-                       dropout=config.dropout, backend=config.backend, **sae_opts)
+                       dropout=config.dropout, backend=config.backend,
+                       interaction=config.kind != "joint_linear", **sae_opts)
 
 
 def lr_factor(step: int, total: int, lr: float, final_lr: float, decay_fraction: float = 0.8) -> float:
@@ -147,7 +176,7 @@ def lr_factor(step: int, total: int, lr: float, final_lr: float, decay_fraction:
 
 
 def make_optimizer(params, config: TrainConfig, total_steps: int):
-    opt = torch.optim.Adam(params, lr=config.lr, betas=tuple(config.betas))
+    opt = torch.optim.Adam(params, lr=config.lr, betas=tuple(config.betas), eps=config.adam_eps)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: lr_factor(i, total_steps, config.lr, config.final_lr, config.decay_fraction)
     )
@@ -302,14 +331,18 @@ def train(
     progress: bool = True,
     stop_after: Optional[int] = None,
     save_final: bool = True,
+    progress_every: Optional[int] = None,
 ) -> TrainResult:
     """Train ``config.kind`` on the activations in ``store``; write everything to ``out_dir``.
 
     ``resume``: continue from the newest checkpoint in ``out_dir`` (exactly).
     ``overwrite``: delete an existing run in ``out_dir`` first.
     ``stop_after``: stop once this many steps are done (testing interruptions).
+    ``progress_every``: without a terminal, one progress line every this many steps.
     """
-    from tqdm.auto import tqdm
+    from .data import outlier_filter, standardization_stats
+    from .modules import fold_standardization_
+    from .progress import Progress
 
     config.validate()
     if not isinstance(store, ActivationStore):
@@ -321,7 +354,7 @@ def train(
         if not overwrite:
             raise ValueError(f"{out_dir} already holds a run: pass resume (--resume) to continue it, "
                              "overwrite (--overwrite) to replace it, or choose another output folder")
-        for name in ("checkpoints", "model", "metrics.jsonl", "summary.json", "config.json"):
+        for name in ("checkpoints", "model", "model_standardized", "metrics.jsonl", "summary.json", "config.json"):
             p = out_dir / name
             if p.is_dir():
                 shutil.rmtree(p)
@@ -375,10 +408,27 @@ def train(
         log.truncate_after(done)
     val_x = store.tensor("val", config.val_fraction, max_rows=config.val_rows)
 
-    loader = store.loader(config.batch_size, seed=config.seed, split="train", val_fraction=config.val_fraction,
-                          start_batch=done, shuffle_shards=config.shuffle_shards)
+    # input preparation: outlier rows (raw norms), then the per-dimension z-score
+    stats = None
+    if config.standardize or config.outliers != "keep":
+        stats = standardization_stats(store, config.standardize_rows, val_fraction=config.val_fraction)
+    outlier_threshold = config.outlier_multiple * stats["median_norm"] if config.outliers != "keep" else None
+    touched = {"train": int(extra.get("outlier_rows", 0)), "val": 0}
+
+    def prep(x: torch.Tensor, split: str) -> torch.Tensor:
+        if outlier_threshold is not None:
+            x, n = outlier_filter(x, config.outliers, outlier_threshold)
+            touched[split] += n
+        if config.standardize:
+            x = (x - stats["mean"]) / stats["std"]
+        return x
+
+    val_x = prep(val_x, "val")
+    raw_loader = store.loader(config.batch_size, seed=config.seed, split="train", val_fraction=config.val_fraction,
+                              start_batch=done, shuffle_shards=config.shuffle_shards)
+    loader = (prep(b, "train") for b in raw_loader)
     t0 = time.time()
-    bar = tqdm(total=total, initial=done, desc=f"train {config.kind}", unit="step", disable=not progress)
+    bar = Progress(total, f"train {config.kind}", initial=done, enabled=progress, every=progress_every)
     stage_start = 0
     result_summary = {}
     try:
@@ -445,15 +495,15 @@ def train(
                         if aux is not None:
                             row["aux_loss"] = float(aux.detach())
                     log.write(row)
-                bar.update(1)
                 if progress:
-                    bar.set_postfix(loss=f"{loss_value:.4g}", refresh=False)
+                    bar.set_postfix(loss=f"{loss_value:.4g}")
+                bar.update(1)
                 if config.val_every and done % config.val_every == 0 and done < total:
                     log.write({"step": done, "split": "val", **evaluate(model if stage != "sae" else module, val_x)})
                 if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == total:
                     log.flush()
                     ckpt.save_checkpoint(out_dir, done, model, opt, sched, keep=config.keep_checkpoints, extra={
-                        "stage": stage, "dead_counter": dead_counter,
+                        "stage": stage, "dead_counter": dead_counter, "outlier_rows": touched["train"],
                         "elapsed": elapsed_before + time.time() - t0})
             stage_start = stage_end
         for p in model.parameters():  # unfreeze what a sequential stage froze
@@ -465,14 +515,31 @@ def train(
             "kind": config.kind, "steps": done, "tokens_seen": done * config.batch_size,
             "train_seconds": elapsed_before + time.time() - t0, "val": val,
             "backend": sae.backend_name, "d": d, "features": config.features, "k": config.k,
+            "parameters": sum(p.numel() for p in model.parameters()),
         }
+        standardized_model = None
+        if config.standardize:
+            result_summary["standardize"] = {
+                "rows": stats["rows"], "val_metrics_space": "standardized (z-scores)",
+                "note": "model/ takes raw activations (standardisation folded in); "
+                        "model_standardized/ is the model as trained"}
+            standardized_model = model
+            final_model = fold_standardization_(copy.deepcopy(model), stats["mean"], stats["std"])
+        if outlier_threshold is not None:
+            result_summary["outliers"] = {
+                "mode": config.outliers, "multiple_of_median_norm": config.outlier_multiple,
+                "median_norm": stats["median_norm"], "threshold": outlier_threshold,
+                "train_rows_touched": touched["train"], "train_rows_seen": done * config.batch_size,
+                "val_rows_touched": touched["val"]}
         if save_final:
             final_model.save(out_dir / "model")
+            if standardized_model is not None:
+                standardized_model.save(out_dir / "model_standardized")
         ckpt.atomic_write_json(out_dir / "summary.json", result_summary)
     finally:
         bar.close()
         log.close()
-    return TrainResult(model, out_dir, result_summary)
+    return TrainResult(final_model, out_dir, result_summary, standardized_model)
 
 
 def error_reduction(mse_base: float, mse_new: float) -> float:
