@@ -203,6 +203,16 @@ def tiny(tmp_path_factory):
     return root, model, text
 
 
+def test_reproduce_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["reproduce", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for opt in ("--tokens", "--seeds", "--activations", "--device", "--f-ratio", "--outliers", "--adam-eps"):
+        assert opt in out
+
+
+@pytest.mark.slow
 def test_reproduce_smoke(tiny, capsys):
     """The whole pipeline at a tiny shape: collect, six models x two seeds, splice test,
     bimodality, contributions, the verdict table and the plots."""

@@ -219,7 +219,7 @@ def run(args) -> int:
             timings[f"train_{name}_seed{seed}_s"] = time.time() - t
             if not args.keep_checkpoints:
                 shutil.rmtree(seed_dir / name / "checkpoints", ignore_errors=True)
-            raw_models[name] = res.model.to("cpu") if hasattr(res.model, "to") else res.model
+            raw_models[name] = res.model
             std_models[name] = res.standardized_model if res.standardized_model is not None else res.model
             summaries[name] = res.summary
             outlier_info = outlier_info or res.summary.get("outliers")
