@@ -326,7 +326,7 @@ def _plot_kl(agg, models, path: Path) -> None:
         return
     plt = _mpl()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(4 + 2.2 * len(names), 3.8))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(3 + 1.5 * len(names), 3.8))
     for ax, key, label in ((a1, "kl_ratio", "KL(recon) / KL(eps-random)"), (a2, "ce_increase", "CE increase (nats/token)")):
         s = [agg[m][key] for m in names]
         ys = np.array([x["mean"] for x in s])
