@@ -249,6 +249,11 @@ def test_reproduce_smoke(tiny, capsys):
     for f in ("plots/norm_hist_seed0.png", "plots/norm_hist_seed1.png", "plots/kl_ratio.png"):
         assert (out / f).stat().st_size > 1000
     assert not (out / "runs" / "seed0" / "joint" / "checkpoints").exists()
+    # the report can be rebuilt from the JSON alone
+    (out / "reproduce.md").unlink()
+    assert main(["reproduce", "--report-only", "--out", str(out)]) == 0
+    assert (out / "reproduce.md").read_text() == md
+    capsys.readouterr()
     # a second run reuses the activation folder
     rc = main(["reproduce", "--model", str(model), "--out", str(root / "out2"), "--activations",
                str(out / "activations"), "--seeds", "1", "--tokens", "100", "--window", "20", "--batch-windows", "4",
@@ -267,6 +272,8 @@ def test_reproduce_errors(tiny, capsys):
     assert "unknown" in capsys.readouterr().err
     assert main(base + ["--seeds", "0"]) == 2
     assert "--seeds" in capsys.readouterr().err
+    assert main(["reproduce", "--report-only", "--out", str(root / "nothing")]) == 2
+    assert "reproduce.json" in capsys.readouterr().err
 
 
 @pytest.mark.long

@@ -67,6 +67,8 @@ def register(sub):
     p.add_argument("--n-sim", type=int, default=200, help="dip-test Monte-Carlo samples (default: 200)")
     p.add_argument("--val-rows", type=int, default=16384, help="held-out rows evaluated (default: 16384)")
     p.add_argument("--backend", choices=("auto", "fused", "reference"), default="auto", help="ops backend (default: auto)")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite OUT/reproduce.md (and the KL plot) from OUT/reproduce.json without running anything")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep each run's checkpoints/ (default: removed)")
     add_run_options(p)
     p.set_defaults(func=run)
@@ -94,6 +96,8 @@ def run(args) -> int:
     from dualenc_fast.lm import decoder_layers, load_causal_lm
     from dualenc_fast.train import TrainConfig, error_reduction, train
 
+    if args.report_only:
+        return _report_only(Path(args.out))
     t_start = time.time()
     apply_threads(args)
     for name in ("seeds", "window", "batch_windows", "splice_windows", "val_rows"):
@@ -309,6 +313,29 @@ def run(args) -> int:
     return 0
 
 
+def _report_only(out: Path) -> int:
+    """Rebuild the headline, the parameter answer, the tables and the KL plot from reproduce.json."""
+    from dualenc_fast import reproduce as R
+    from dualenc_fast.checkpoint import atomic_write_json, atomic_write_text, read_json
+
+    path = out / "reproduce.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: run `dualenc reproduce --out {out}` first")
+    res = read_json(path)
+    models = tuple(res["settings"]["models"])
+    per_seed = res["per_seed"]
+    agg = R.aggregate(per_seed, models)
+    head = R.headline(agg, per_seed)
+    answer = R.parameter_answer(agg)
+    _plot_kl(agg, models, out / "plots" / "kl_ratio.png")
+    text = _report(res["settings"], agg, head, answer, per_seed, res.get("outliers"), res.get("timings", {}), models)
+    print(text)
+    atomic_write_text(out / "reproduce.md", text + "\n")
+    res.update({"headline": head, "parameter_answer": answer, "aggregate": agg, "verdict_rule": R.VERDICT_RULE})
+    atomic_write_json(path, res)
+    return 0
+
+
 def _plot_norms(bims, path: Path, title: str) -> None:
     from dualenc_fast.report import plot_norm_histograms
 
@@ -424,7 +451,8 @@ def _report(settings, agg, head, answer, per_seed, outliers, timings, models) ->
         for label in ("0.2", "split"):
             if f"decoder_ratio_low@{label}" not in a:
                 continue
-            row = [m, label, g(m, f"n_low@{label}")]
+            n_low = a[f"n_low@{label}"]["mean"]
+            row = [m, label, f"{n_low:.0f}" if n_low == n_low else "-"]
             for q in ("decoder_ratio", "linear_ratio", "embedding_ratio"):
                 row += [g(m, f"{q}_low@{label}"), g(m, f"{q}_high@{label}")]
             rows.append(row)
