@@ -50,8 +50,7 @@ def resolve_device(spec=None) -> torch.device:
         raise ValueError(f"--device {spec}: no CUDA device is available here (torch {torch.__version__}, "
                          f"built with CUDA {torch.version.cuda}); use --device cpu")
     if dev.index is None:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) if world_size() > 1 or
-                           "LOCAL_RANK" in os.environ else torch.cuda.current_device())
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
     if dev.index >= torch.cuda.device_count():
         raise ValueError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) visible")
     return dev
@@ -83,6 +82,11 @@ def describe_device(device: torch.device) -> str:
 
 def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+
+
+def rank_from_env() -> int:
+    """This process's rank as the launcher set it (0 outside torchrun)."""
+    return int(os.environ.get("RANK", "0")) if launched_by_torchrun() else 0
 
 
 def is_initialized() -> bool:
