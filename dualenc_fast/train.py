@@ -454,8 +454,9 @@ def train(
             if not math.isfinite(v):
                 first, last = pending[0][0], pending[-1][0]
                 raise TrainingDiverged(
-                    f"{config.kind}: loss became {v} at step {step} (stage {stage}; losses are read every "
-                    f"{n} step(s), this read covered steps {first}-{last}); lower the learning rate (now "
+                    f"{config.kind}: loss became {v} at step {step} (stage {stage}; the losses of steps "
+                    f"{first}-{last} were read back together, they are read every {interval} steps and at "
+                    f"checkpoints); lower the learning rate (now "
                     f"{sched.get_last_lr()[0]:.3g}), check the activations for NaN/Inf, or resume from the "
                     f"last checkpoint in {ckpt.checkpoint_dir(out_dir)}"
                 )
@@ -505,38 +506,46 @@ def train(
                 if stop_after is not None and done >= stop_after:
                     read_back(sched)
                     return TrainResult(model, out_dir, {"stopped_at": done})
-                x = next(loader)
-                with amp:
-                    out = module.forward_sparse(x)
-                recon = out.recon.float()
-                mse = (recon - x).pow(2).mean()
-                loss = mse
-                if sae.normalizes_input:
-                    loss = mse * sae.input_scale.pow(2)
-                aux = None
-                with torch.no_grad():
-                    # features fired anywhere in the global batch: a scatter, no host read
-                    fired = torch.zeros(sae.hidden_dim, dtype=torch.int32, device=dev)
-                    fired.scatter_add_(0, out.code.indices.reshape(-1), (out.code.values > 0).to(torch.int32).reshape(-1))
-                    if world > 1:
-                        dist_.all_reduce_sum_(fired, "dead-feature all-reduce")
-                    dead_counter += config.batch_size
-                    dead_counter.masked_fill_(fired > 0, 0)
-                    dead_mask = dead_counter >= config.dead_after_tokens
-                if trains_sae and config.aux_k:
+                try:
+                    x = next(loader)
                     with amp:
-                        aux = sae.auxk_loss(x, (x - recon).detach(), dead_mask).float()
-                    loss = loss + config.aux_coef * aux
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                dist_.average_gradients(params)
-                if trains_sae and sae.unit_norm_decoder:
-                    sae.remove_parallel_decoder_grad()
-                lr_now = sched.get_last_lr()[0]
-                opt.step()
-                sched.step()
-                if trains_sae and sae.unit_norm_decoder:
-                    sae.normalize_decoder()
+                        out = module.forward_sparse(x)
+                    recon = out.recon.float()
+                    mse = (recon - x).pow(2).mean()
+                    loss = mse
+                    if sae.normalizes_input:
+                        loss = mse * sae.input_scale.pow(2)
+                    aux = None
+                    with torch.no_grad():
+                        # features fired anywhere in the global batch: a scatter, no host read
+                        fired = torch.zeros(sae.hidden_dim, dtype=torch.int32, device=dev)
+                        fired.scatter_add_(0, out.code.indices.reshape(-1), (out.code.values > 0).to(torch.int32).reshape(-1))
+                        if world > 1:
+                            dist_.all_reduce_sum_(fired, "dead-feature all-reduce")
+                        dead_counter += config.batch_size
+                        dead_counter.masked_fill_(fired > 0, 0)
+                        dead_mask = dead_counter >= config.dead_after_tokens
+                    if trains_sae and config.aux_k:
+                        with amp:
+                            aux = sae.auxk_loss(x, (x - recon).detach(), dead_mask).float()
+                        loss = loss + config.aux_coef * aux
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    dist_.average_gradients(params)
+                    if trains_sae and sae.unit_norm_decoder:
+                        sae.remove_parallel_decoder_grad()
+                    lr_now = sched.get_last_lr()[0]
+                    opt.step()
+                    sched.step()
+                    if trains_sae and sae.unit_norm_decoder:
+                        sae.normalize_decoder()
+                except dist_.PeerFailure:
+                    raise
+                except (ValueError, RuntimeError):
+                    # an op that rejects NaN input (e.g. topk_encode) after an unread
+                    # divergence: report the step where the loss went bad first
+                    read_back(sched)
+                    raise
                 done += 1
                 losses[len(pending)] = loss.detach()
                 pending.append((done, stage, lr_now))
