@@ -151,8 +151,9 @@ def _shard_name(i: int) -> str:
 
 
 class _ShardWriter:
-    def __init__(self, folder: Path, shard_rows: int, dtype: torch.dtype):
+    def __init__(self, folder: Path, shard_rows: int, dtype: torch.dtype, first_shard: int = 0):
         self.folder, self.shard_rows, self.dtype = folder, shard_rows, dtype
+        self.first_shard = first_shard
         self.buf, self.tok, self.pos, self.rows = [], [], [], 0
         self.shards: List[dict] = []
         self.count = 0
@@ -183,7 +184,7 @@ class _ShardWriter:
 
     def _flush(self, n: int) -> None:
         acts, tok, pos = torch.cat(self.buf), torch.cat(self.tok), torch.cat(self.pos)
-        name = _shard_name(len(self.shards))
+        name = _shard_name(self.first_shard + len(self.shards))
         atomic_save_tensors(self.folder / name, {"activations": acts[:n], "tokens": tok[:n], "positions": pos[:n]})
         self.shards.append({"file": name, "count": int(n)})
         self.buf, self.tok, self.pos = [acts[n:]], [tok[n:]], [pos[n:]]
@@ -212,11 +213,20 @@ def collect_activations(
     source: str = "",
     progress: bool = True,
     stop_early: bool = True,
+    rank: Optional[int] = None,
+    world_size: Optional[int] = None,
 ) -> dict:
     """Run ``model`` on ``windows`` (or ``texts`` cut into ``window``-token windows)
     and store the output of decoder layer ``layer`` as sharded safetensors + a
     manifest in ``out_dir``. ``skip_first`` drops the first positions of each
-    window (0 = keep all, as the paper). Returns the manifest."""
+    window (0 = keep all, as the paper). Returns the manifest.
+
+    In a ``torch.distributed`` process group (torchrun; ``rank``/``world_size``
+    default to the group's), every rank calls this with the same arguments: the
+    shards of the one-process collection are dealt out in contiguous runs, each
+    rank runs the model on the windows its shards cover and writes them, and
+    rank 0 writes one manifest listing all shards. The folder holds the same
+    files, rows and split as a one-process collection."""
     from tqdm.auto import tqdm
 
     from .lm import decoder_layers, layer_output
@@ -239,12 +249,26 @@ def collect_activations(
     window = windows.shape[1]
     if not 0 <= skip_first < window:
         raise ValueError(f"skip_first must be in [0, {window}), got {skip_first}")
+    from . import distributed as dist_
+
+    rank = dist_.rank() if rank is None else int(rank)
+    world_size = dist_.world_size() if world_size is None else int(world_size)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if (out_dir / "manifest.json").exists():
-        os.unlink(out_dir / "manifest.json")
-    for old in out_dir.glob("shard_*.safetensors"):
-        old.unlink()
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if (out_dir / "manifest.json").exists():
+            os.unlink(out_dir / "manifest.json")
+        for old in out_dir.glob("shard_*.safetensors"):
+            old.unlink()
+    if world_size > 1:
+        dist_.barrier()
+    # this rank's shards of the one-process layout, the rows they hold, the windows covering them
+    per_window = window - skip_first
+    n_rows = windows.shape[0] * per_window
+    n_shards = max(1, math.ceil(n_rows / shard_rows))
+    first_shard, end_shard = n_shards * rank // world_size, n_shards * (rank + 1) // world_size
+    row_lo, row_hi = min(first_shard * shard_rows, n_rows), min(end_shard * shard_rows, n_rows)
+    win_lo, win_hi = row_lo // per_window, math.ceil(row_hi / per_window)
 
     captured = {}
 
@@ -254,18 +278,18 @@ def collect_activations(
             raise _StopForward
 
     device = next(model.parameters()).device
-    writer = _ShardWriter(out_dir, shard_rows, DTYPES[dtype])
+    writer = _ShardWriter(out_dir, shard_rows, DTYPES[dtype], first_shard)
     handle = layers[layer].register_forward_hook(hook)
     positions = torch.arange(skip_first, window)
     was_training = model.training
     model.eval()
     d = None
     try:
-        bar = tqdm(total=windows.shape[0] * (window - skip_first), unit="tok", desc=f"collect layer {layer}",
-                   disable=not progress)
+        bar = tqdm(total=row_hi - row_lo, unit="tok", desc=f"collect layer {layer}",
+                   disable=not progress or rank != 0)
         with torch.no_grad():
-            for start in range(0, windows.shape[0], batch_size):
-                ids = windows[start:start + batch_size]
+            for start in range(win_lo, win_hi, batch_size):
+                ids = windows[start:min(start + batch_size, win_hi)]
                 try:
                     model(input_ids=ids.to(device))
                 except _StopForward:
@@ -273,13 +297,31 @@ def collect_activations(
                 h = captured.pop("h")[:, skip_first:, :].float().cpu()
                 d = h.shape[-1]
                 b = ids.shape[0]
-                writer.add(h.reshape(-1, d), ids[:, skip_first:].reshape(-1), positions.repeat(b))
-                bar.update(b * (window - skip_first))
+                # keep the rows of this rank's shards (windows at the edges are shared)
+                first_row = start * per_window
+                lo, hi = max(row_lo - first_row, 0), min(row_hi - first_row, b * per_window)
+                writer.add(h.reshape(-1, d)[lo:hi], ids[:, skip_first:].reshape(-1)[lo:hi],
+                           positions.repeat(b)[lo:hi])
+                bar.update(hi - lo)
         bar.close()
     finally:
         handle.remove()
         model.train(was_training)
     writer.close()
+    if world_size > 1:
+        parts = dist_.all_gather_object({
+            "shards": writer.shards, "count": writer.count, "d": d, "sum": writer.sum,
+            "sq_norm_sum": writer.sq_norm_sum, "norm_sum": writer.norm_sum})
+        if rank != 0:
+            dist_.barrier()  # rank 0 writes the manifest
+            return read_json(out_dir / "manifest.json")
+        writer.shards = [s for part in parts for s in part["shards"]]
+        writer.count = sum(part["count"] for part in parts)
+        d = next(part["d"] for part in parts if part["d"] is not None)
+        sums = [part["sum"] for part in parts if part["sum"] is not None]
+        writer.sum = torch.stack(sums).sum(0)
+        writer.sq_norm_sum = sum(part["sq_norm_sum"] for part in parts)
+        writer.norm_sum = sum(part["norm_sum"] for part in parts)
     mean = writer.sum / writer.count
     atomic_save_tensors(out_dir / "stats.safetensors", {"mean": mean.float()})
     mean_sq = writer.sq_norm_sum / writer.count
@@ -308,6 +350,8 @@ def collect_activations(
         },
     }
     atomic_write_json(out_dir / "manifest.json", manifest)
+    if world_size > 1:
+        dist_.barrier()
     return manifest
 
 

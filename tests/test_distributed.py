@@ -184,3 +184,35 @@ def test_a_hung_worker_times_out(store, tmp_path):
     print(f"\nrun stopped {waited:.1f} s after rank 1 hung (timeout 10 s)")
     assert p.returncode != 0
     assert "rank 0 of 2" in out and "--dist-timeout" in out, out
+
+
+def test_collect_in_two_processes_matches_one(tmp_path):
+    """torchrun collect: each rank writes its share of the shards, rank 0 one manifest; the folder
+    holds the same shards (names, rows, tokens, positions) as a one-process collection."""
+    from tinylm import TEXT, build_tiny_lm
+
+    from dualenc_fast.cli import main as cli_main
+
+    lm = build_tiny_lm(tmp_path / "lm")
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(TEXT))
+    args = ["collect", "--model", lm, "--layer", "0", "--text", text, "--window", "12", "--skip-first", "1",
+            "--max-tokens", "300", "--batch-size", "4", "--shard-rows", "37", "--dtype", "float32",
+            "--device", "cpu", "--threads", "1", "--no-progress"]
+    assert cli_main([str(a) for a in args + ["--out", tmp_path / "one"]]) == 0
+    run_ok(args + ["--out", tmp_path / "two"])
+    m1 = C.read_json(tmp_path / "one" / "manifest.json")
+    m2 = C.read_json(tmp_path / "two" / "manifest.json")
+    assert m1["shards"] == m2["shards"] and len(m1["shards"]) > 2
+    n1, n2 = m1.pop("normalization"), m2.pop("normalization")
+    assert m1 == m2
+    for k, v in n1.items():
+        assert n2[k] == (pytest.approx(v, rel=1e-9) if isinstance(v, float) else v), k
+    diff = 0.0
+    for s in m1["shards"]:
+        a, b = C.load_tensors(tmp_path / "one" / s["file"]), C.load_tensors(tmp_path / "two" / s["file"])
+        assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["positions"], b["positions"])
+        diff = max(diff, float((a["activations"] - b["activations"]).abs().max()))
+    print(f"\ncollect, 2 processes vs 1: max |activation diff| {diff:.3g}")
+    assert diff <= 1e-5
+    assert sorted(p.name for p in (tmp_path / "two").glob("shard_*")) == [s["file"] for s in m1["shards"]]

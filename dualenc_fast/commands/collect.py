@@ -64,16 +64,26 @@ def run(args) -> int:
     for name in ("max_tokens", "window", "batch_size", "shard_rows"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive")
-    texts, source = load_texts(args)
-    print(f"loading {args.model} ...", file=sys.stderr)
-    device = resolve_device(args)
-    model, tok = load_causal_lm(args.model, device=device)
-    layer = parse_layer(args.layer, len(decoder_layers(model)))
-    manifest = collect_activations(
-        model, tok, layer, args.out, texts=texts, window=args.window, max_tokens=args.max_tokens,
-        batch_size=args.batch_size, dtype=args.dtype, shard_rows=args.shard_rows, skip_first=args.skip_first,
-        model_name=args.model, source=source, progress=not args.no_progress,
-    )
-    print(f"wrote {manifest['count']} activations (d={manifest['d']}, layer {layer} of {manifest['num_layers']}) "
-          f"in {len(manifest['shards'])} shard(s) to {args.out}")
+    from dualenc_fast import distributed as dist_
+
+    multi = dist_.init_from_env(dist_.resolve_device(args.device))
+    try:
+        texts, source = load_texts(args)
+        device = resolve_device(args)
+        if dist_.rank() == 0:
+            print(f"loading {args.model} ...", file=sys.stderr)
+        model, tok = load_causal_lm(args.model, device=device)
+        layer = parse_layer(args.layer, len(decoder_layers(model)))
+        if multi:
+            dist_.print0(f"collecting in {dist_.world_size()} processes, each writes its share of the shards")
+        manifest = collect_activations(
+            model, tok, layer, args.out, texts=texts, window=args.window, max_tokens=args.max_tokens,
+            batch_size=args.batch_size, dtype=args.dtype, shard_rows=args.shard_rows, skip_first=args.skip_first,
+            model_name=args.model, source=source, progress=not args.no_progress,
+        )
+    finally:
+        dist_.shutdown()
+    if dist_.rank_from_env() == 0:
+        print(f"wrote {manifest['count']} activations (d={manifest['d']}, layer {layer} of {manifest['num_layers']}) "
+              f"in {len(manifest['shards'])} shard(s) to {args.out}")
     return 0
