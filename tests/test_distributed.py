@@ -216,3 +216,16 @@ def test_collect_in_two_processes_matches_one(tmp_path):
     print(f"\ncollect, 2 processes vs 1: max |activation diff| {diff:.3g}")
     assert diff <= 1e-5
     assert sorted(p.name for p in (tmp_path / "two").glob("shard_*")) == [s["file"] for s in m1["shards"]]
+
+
+@pytest.mark.long  # spawns 3 sets of processes: about a minute on a busy 2-core machine
+def test_bench_ddp_tiny(tmp_path):
+    from dualenc_fast import bench_ddp
+
+    lines = []
+    r = bench_ddp.run("tiny", 2, repeats=2, warmup=1, rounds=1, out=str(tmp_path / "r.json"), log=lines.append)
+    assert r["nproc"] == 2 and r["scaling_ratio"] > 0
+    assert set(r["rows_per_second"]) == {"1", "2"} and any("scaling ratio" in line for line in lines)
+    assert (tmp_path / "r.json").exists()
+    with pytest.raises(ValueError, match="--ddp"):
+        bench_ddp.run("tiny", 1)
