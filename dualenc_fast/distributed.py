@@ -49,6 +49,9 @@ def resolve_device(spec=None) -> torch.device:
     if not torch.cuda.is_available():
         raise ValueError(f"--device {spec}: no CUDA device is available here (torch {torch.__version__}, "
                          f"built with CUDA {torch.version.cuda}); use --device cpu")
+    if dev.index is not None and launched_by_torchrun():
+        raise ValueError(f"--device {spec}: under torchrun pass --device cuda; each process then takes "
+                         "cuda:LOCAL_RANK (limit the GPUs with CUDA_VISIBLE_DEVICES)")
     if dev.index is None:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
     if dev.index >= torch.cuda.device_count():
