@@ -106,6 +106,9 @@ def run(config: str = "C1", nproc: int = 2, repeats: int = 5, warmup: int = 1, r
         f"all-reduces + fused Adam), config {config} {shape}, global batch {shape['B']}")
     log(f"machine: {machine.get('cpu_model', machine['processor'])}, {machine['cpu_count']} CPUs, "
         f"torch {machine['torch']}; each process {threads} thread(s), gloo backend")
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    if load_before:
+        log(f"load average before: {load_before[0]:.2f} (other processes share these CPUs)")
     times = {1: [], nproc: []}
     for r in range(rounds):
         for world in (1, nproc):
@@ -127,6 +130,7 @@ def run(config: str = "C1", nproc: int = 2, repeats: int = 5, warmup: int = 1, r
         "rows_per_second": {str(w): v for w, v in rps.items()},
         "scaling_ratio": ratio,
         "machine": machine,
+        "load_average_before_after": [load_before, os.getloadavg() if load_before else None],
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     if out:
