@@ -1,6 +1,6 @@
 """The flat layout's module names, kept working on top of the subpackages.
 
-Two pieces, both small:
+Three small pieces:
 
 * :data:`ALIASES` - a module that moved whole (``dualenc_fast.checkpoint`` ->
   ``dualenc_fast.train.checkpoint``) is reachable under its old name through
@@ -16,6 +16,10 @@ Two pieces, both small:
   package sets it in the source module that defines it (deleting it again
   restores the replaced value), so ``monkeypatch.setattr(dualenc_fast.train,
   "evaluate", ...)`` still reaches the trainer.
+* relative imports written for the flat layout inside a moved module
+  (``from .modules import X`` in ``train/trainer.py``, ``from . import ops``,
+  ``from . import __version__``) resolve to where those modules and names are
+  now (:func:`relative_aliases`, :data:`ROOT_ATTRS`).
 
 :data:`ROOT_NAMES` are the names ``dualenc_fast`` itself resolves lazily.
 """
@@ -26,6 +30,7 @@ import importlib.abc
 import importlib.util
 import sys
 import types
+from pathlib import Path
 
 ALIASES = {
     "dualenc_fast.modules": "dualenc_fast.nn.modules",
@@ -34,6 +39,38 @@ ALIASES = {
     "dualenc_fast.report": "dualenc_fast.eval.report",
     "dualenc_fast.integration": "dualenc_fast.analysis.integration",
 }
+
+# The flat layout's top-level modules, and the subpackages modules moved into: a
+# relative import written for the flat layout inside a moved module
+# (``from .modules import X`` in train/trainer.py, ``from . import ops``) asks for
+# ``dualenc_fast.train.modules``, which resolves to where ``modules`` now is.
+FLAT_MODULES = ("_ext", "analysis", "bench", "checkpoint", "cli", "commands", "data", "eval",
+                "integration", "lm", "modules", "ops", "reference", "report", "train")
+SUBPACKAGES = ("nn", "train", "eval", "analysis")
+_RELATIVE: dict = {}
+
+
+def relative_aliases() -> dict:
+    """``dualenc_fast.<subpackage>.<flat name>`` -> the module now holding it, for every
+    pair that is not a real module of the subpackage."""
+    if not _RELATIVE:
+        root = Path(__file__).resolve().parent
+        for sub in SUBPACKAGES:
+            for name in FLAT_MODULES:
+                if (root / sub / f"{name}.py").exists() or (root / sub / name / "__init__.py").exists():
+                    continue
+                flat = f"dualenc_fast.{name}"
+                _RELATIVE[f"dualenc_fast.{sub}.{name}"] = ALIASES.get(flat, flat)
+    return _RELATIVE
+
+
+def resolve(fullname: str):
+    """The module an old module name stands for (None when it is no old name)."""
+    return ALIASES.get(fullname) or relative_aliases().get(fullname)
+
+
+# names of the flat package's root that ``from . import NAME`` in a moved module asks its new package for
+ROOT_ATTRS = ("__version__", "build_info", "extension_available")
 
 FACADES = {
     "dualenc_fast.nn": ("dualenc_fast.nn.modules", "dualenc_fast.nn.serialize"),
@@ -82,7 +119,7 @@ class AliasFinder(importlib.abc.MetaPathFinder):
     """Finds the old names of :data:`ALIASES`."""
 
     def find_spec(self, fullname, path=None, target=None):
-        new = ALIASES.get(fullname)
+        new = resolve(fullname)
         if new is None:
             return None
         return importlib.util.spec_from_loader(fullname, _AliasLoader(new))
@@ -117,6 +154,11 @@ class FacadeModule(types.ModuleType):
         return None
 
     def __getattr__(self, name: str):
+        if name in ROOT_ATTRS:
+            return getattr(sys.modules["dualenc_fast"], name)  # always loaded before a subpackage
+        old = relative_aliases().get(f"{self.__name__}.{name}")
+        if old is not None and name != self.__name__.rpartition(".")[2]:  # ``from . import ops`` in a moved module
+            return importlib.import_module(old)
         if name.startswith("__") and name != "__all__":
             raise AttributeError(f"module {self.__name__!r} has no attribute {name!r}")
         for src in self._facade_sources():

@@ -63,7 +63,8 @@ def _layout_tables():
         compat = importlib.import_module(f"{PKG}._compat")
     except ImportError:
         return {}, {}, {}
-    return dict(compat.ALIASES), {k: tuple(v) for k, v in compat.FACADES.items()}, dict(compat.ROOT_NAMES)
+    aliases = {**compat.relative_aliases(), **compat.ALIASES}
+    return aliases, {k: tuple(v) for k, v in compat.FACADES.items()}, dict(compat.ROOT_NAMES)
 
 
 def import_graph(pkg_dir: Path = ROOT, tables=None) -> dict:
