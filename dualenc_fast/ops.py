@@ -275,14 +275,30 @@ def _topk_encode_setup(ctx, inputs, output):
 def _topk_encode_backward(ctx, grad_values, grad_indices):
     x, weight, pre_bias, values, indices = ctx.saved_tensors
     need_x, need_w, need_b, _, need_pre = ctx.needs_input_grad
+    need_pre = need_pre and pre_bias is not None
     if grad_values is None:
         return None, None, None, None, None
-    want_x = need_x or need_pre
-    gx, gw, gb = _ops.topk_encode_backward.default(
-        grad_values.contiguous(), values, indices, x, weight, pre_bias, want_x, need_w or need_b,
-        check_indices=False, sparse_form=ctx.sparse_form,
-    )
-    g_pre = -gx.sum(0) if (need_pre and pre_bias is not None) else None
+    want_w = need_w or need_b
+    gx = gw = gb = None
+    if need_x or want_w:
+        gx, gw, gb = _ops.topk_encode_backward.default(
+            grad_values.contiguous(), values, indices, x, weight, pre_bias, need_x, want_w,
+            check_indices=False, sparse_form=ctx.sparse_form,
+        )
+    g_pre = None
+    if need_pre:
+        # d/d pre_bias = -sum_b dx_b = -(sum_b dz_b) @ W = -(grad_bias @ W): a GEMV,
+        # no [B, d] dx (summing dx is cheaper only when dx is wanted anyway)
+        if need_x:
+            g_pre = -gx.sum(0)
+        else:
+            if not want_w:  # grad_bias alone: dz summed per feature
+                dz = torch.ops.aten.threshold_backward(grad_values, values, 0)
+                acc = torch.float32 if dz.dtype in (torch.float16, torch.bfloat16) else dz.dtype
+                gb = dz.new_zeros(weight.shape[0], dtype=acc).index_add_(
+                    0, indices.reshape(-1), dz.reshape(-1).to(acc)
+                ).to(dz.dtype)
+            g_pre = -(gb @ weight)
     return (
         gx if need_x else None,
         gw if need_w else None,

@@ -169,6 +169,57 @@ def test_topk_encode_gradcheck(strategy):
     )
 
 
+@pytest.mark.parametrize("wanted", ["pre", "w_b_pre", "x_pre"])
+def test_topk_encode_pre_bias_gradient_builds_no_dx(wanted, strategy, monkeypatch):
+    """The pre_bias gradient is -(grad_bias @ weight): when x needs no gradient
+    the backward op is not asked for the [B, d] dx (or not called at all when
+    only pre_bias needs one). Against the reference's autograd and gradcheck."""
+    g = torch.Generator().manual_seed(41)
+    x = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    w = torch.randn(13, 5, generator=g, dtype=torch.float64)
+    b = torch.randn(13, generator=g, dtype=torch.float64)
+    pre = torch.randn(5, generator=g, dtype=torch.float64)
+    flags = {"pre": (0, 0, 0, 1), "w_b_pre": (0, 1, 1, 1), "x_pre": (1, 0, 0, 1)}[wanted]
+    up = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    seen = []
+    real = ops._ops
+
+    class Spy:  # torch.ops.dualenc_fast, recording need_x_grad of the backward op
+        def __getattr__(self, name):
+            attr = getattr(real, name)
+            if name != "topk_encode_backward":
+                return attr
+
+            class Op:
+                @staticmethod
+                def default(*a, **kw):
+                    seen.append(a[6])
+                    return attr.default(*a, **kw)
+
+            return Op
+
+    monkeypatch.setattr(ops, "_ops", Spy())
+    ins = [t.clone().requires_grad_(bool(f)) for t, f in zip((x, w, b, pre), flags)]
+    v, _ = ops.topk_encode(ins[0], ins[1], ins[2], 4, pre_bias=ins[3])
+    diff = [t for t in ins if t.requires_grad]
+    got = torch.autograd.grad(v, diff, up)
+    assert seen == ([] if wanted == "pre" else [wanted == "x_pre"])
+    rins = [t.clone().requires_grad_(bool(f)) for t, f in zip((x, w, b, pre), flags)]
+    rv, _ = R.topk_encode(rins[0], rins[1], rins[2], 4, pre_bias=rins[3])
+    want = torch.autograd.grad(rv, [t for t in rins if t.requires_grad], up)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, **tol(torch.float64))
+    monkeypatch.undo()
+    fixed = [x, w, b, pre]
+
+    def fn(*t):
+        it = iter(t)
+        args = [next(it) if f else a for a, f in zip(fixed, flags)]
+        return ops.topk_encode(args[0], args[1], args[2], 4, pre_bias=args[3])[0]
+
+    assert torch.autograd.gradcheck(fn, tuple(leaf(a) for a, f in zip(fixed, flags) if f))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_topk_encode_nan_ranks_first(device, dtype):
