@@ -90,12 +90,17 @@ class SparseCode:
     which are in range by construction: the compiled ops then skip their index
     range check, a device sync per call on CUDA. Leave it False for indices
     from elsewhere, and do not modify a trusted code's indices in place.
+
+    ``sorted`` marks rows already ordered by value descending, then index
+    ascending (``topk_encode`` returns them so): the NFM's top-N re-selection
+    of such a code is its first N columns, taken without a sort.
     """
 
     values: Tensor
     indices: Tensor
     num_features: int
     trusted: bool = field(default=False, compare=False, repr=False)
+    sorted: bool = field(default=False, compare=False, repr=False)
 
     @property
     def k(self) -> int:
@@ -106,7 +111,7 @@ class SparseCode:
         return RF.dense_code(self.values, self.indices, self.num_features)
 
     def detach(self) -> "SparseCode":
-        return SparseCode(self.values.detach(), self.indices, self.num_features, self.trusted)
+        return SparseCode(self.values.detach(), self.indices, self.num_features, self.trusted, self.sorted)
 
     def l0(self) -> Tensor:
         """Mean number of non-zero entries per row."""
@@ -313,7 +318,7 @@ class TopKSparseAutoencoder(_Common, nn.Module):
         if s is not None:
             x = x * s
         values, indices = self._fn.topk_encode(x, self.W_enc, self.b_enc, self.k, pre_bias=self.b_dec)
-        return SparseCode(values, indices, self.hidden_dim, trusted=True)
+        return SparseCode(values, indices, self.hidden_dim, trusted=True, sorted=True)
 
     def decode(self, code: SparseCode) -> Tensor:
         out = self._fn.sparse_decode(code.values, code.indices, self.decoder.weight, self.output_bias(),
@@ -508,7 +513,10 @@ class NeuralFactorizationMachine(_Common, nn.Module):
     def forward_sparse(self, code: SparseCode) -> NFMOutput:
         values, indices = code.values, code.indices
         if self.top_n is not None and self.top_n < values.shape[-1]:
-            values, indices = self._fn.topn_reselect(values, indices, self.top_n)
+            if code.sorted:  # rows ordered as topn_reselect orders them: the first N columns
+                values, indices = values[..., : self.top_n], indices[..., : self.top_n]
+            else:
+                values, indices = self._fn.topn_reselect(values, indices, self.top_n)
         check = not code.trusted  # top-N re-selection keeps a subset of the indices
         linear_out = self._fn.sparse_decode(values, indices, self.linear.weight, self.linear.bias,
                                             check_indices=check)
@@ -534,7 +542,7 @@ class NeuralFactorizationMachine(_Common, nn.Module):
             width = min(width, self.top_n)
         width = max(1, min(width, f.shape[-1]))
         values, indices = RF.select_topk(f, width)
-        return tuple(self.forward_sparse(SparseCode(values, indices, f.shape[-1], trusted=True)))
+        return tuple(self.forward_sparse(SparseCode(values, indices, f.shape[-1], trusted=True, sorted=True)))
 
     @torch.no_grad()
     def _scale_outputs_(self, factor: float) -> None:
