@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
+from dualenc_fast.commands import add_device_option, resolve_device
+
 
 def register(sub):
     p = sub.add_parser(
@@ -44,7 +46,7 @@ def register(sub):
                    help="subsample features above this for the Gram statistics (0: all)")
     p.add_argument("--n-sim", type=int, default=500, help="Monte-Carlo samples for the dip-test p-value")
     p.add_argument("--backend", default="auto", choices=("auto", "fused", "reference"))
-    p.add_argument("--device", default="cpu")
+    add_device_option(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(func=run)
@@ -104,6 +106,7 @@ def run(args) -> int:
     from dualenc_fast.train.data import ActivationStore
     from dualenc_fast.eval.report import write_report
 
+    args.device = str(resolve_device(args))
     models = load_models(args.checkpoints, args.names, backend=args.backend, device=args.device)
     data = args.data
     if data is None:

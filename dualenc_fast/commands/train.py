@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 
-from dualenc_fast.commands import add_run_options, apply_threads
+import torch
+
+from dualenc_fast.commands import add_run_options, apply_threads, resolve_device
 
 
 def register(sub):
@@ -50,6 +52,15 @@ def register(sub):
     p.add_argument("--normalize-input", action="store_true",
                    help="scale inputs to unit mean squared norm (folded into the saved weights)")
     p.add_argument("--export-saelens", default=None, metavar="DIR", help="also export the SAE in SAELens layout to DIR")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="fp32, or bf16 autocast of the products and ops with float32 weights and Adam state "
+                        "(default: fp32)")
+    p.add_argument("--log-every", type=int, default=1,
+                   help="copy losses and metrics to the host every N steps (NaN/Inf checked then; a metrics "
+                        "row per N steps; default: 1; on a GPU use e.g. 50 so no step waits on the host)")
+    p.add_argument("--dist-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="under torchrun: how long a rank waits for the others in a collective before it "
+                        "stops with an error (default: 300)")
     add_run_options(p)
     p.set_defaults(func=run)
 
@@ -65,6 +76,7 @@ def config_from_args(args):
         keep_checkpoints=args.keep_checkpoints, backend=args.backend, pre_bias=args.pre_bias,
         unit_norm_decoder=args.unit_norm_decoder, aux_k=args.aux_k, aux_coef=args.aux_coef,
         dead_after_tokens=args.dead_after_tokens, normalize_input=args.normalize_input, init_sae=args.init_sae,
+        precision=args.precision, log_every=args.log_every,
     )
 
 
@@ -73,11 +85,26 @@ def run(args) -> int:
     from dualenc_fast.train.data import ActivationStore
     from dualenc_fast.train.trainer import train
 
+    from dualenc_fast import distributed as dist_
+
     apply_threads(args)
+    if args.log_every < 0:
+        raise ValueError(f"--log-every must be >= 0, got {args.log_every}")
     config = config_from_args(args)
-    store = ActivationStore(args.activations)
-    result = train(config, store, args.out, resume=args.resume, overwrite=args.overwrite,
-                   progress=not args.no_progress)
+    device = dist_.resolve_device(args.device)
+    multi = dist_.init_from_env(device, args.dist_timeout)
+    try:
+        device = resolve_device(args)
+        if multi:
+            dist_.print0(f"data-parallel: {dist_.world_size()} processes "
+                         f"({torch.distributed.get_backend()}), global batch {config.batch_size}")
+        store = ActivationStore(args.activations)
+        result = train(config, store, args.out, resume=args.resume, overwrite=args.overwrite,
+                       progress=not args.no_progress, device=device)
+    finally:
+        dist_.shutdown()
+    if dist_.rank_from_env() != 0:
+        return 0
     val = result.summary["val"]
     print(json.dumps({"kind": config.kind, "steps": result.summary["steps"], "val_mse": val["mse"],
                       "val_fvu": val["fvu"], "l0": val["l0"], "out": str(args.out)}))
