@@ -13,10 +13,23 @@ Layouts
 - training checkpoint (``save_checkpoint``): ``run/checkpoints/step_XXXXXXXX/``
   holding ``model.safetensors`` + ``model.json`` (exact, unfolded state),
   ``state.safetensors`` + ``state.json`` (optimizer, scheduler, RNG states,
-  step, trainer extras); ``run/checkpoints/latest.json`` names the newest.
+  step, trainer extras) + ``checkpoint.json`` (the sha256 and size of each of
+  those four files, itself sealed by a hash of its own content; written last,
+  so its presence marks a complete folder); ``run/checkpoints/latest.json``
+  names the newest.
+
+Verification: :func:`verify_checkpoint` checks every file of a checkpoint
+against ``checkpoint.json``, :func:`load_checkpoint` calls it, and
+:func:`find_resumable` walks a run's checkpoints newest first, skipping (and
+reporting) the ones that are incomplete or fail their hashes. A model folder's
+``config.json`` records the sha256 of its ``model.safetensors``;
+:func:`load_model` checks it. Failures raise
+:class:`dualenc_fast.errors.CorruptFileError` (a ``ValueError``) naming the file.
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import math
 import os
@@ -31,9 +44,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from .errors import DISK_FULL_ERRNOS, CheckpointError, CorruptFileError, DiskFullError, NoGoodCheckpointError
+
 MODEL_FORMAT = "dualenc_fast.model"
 CHECKPOINT_FORMAT = "dualenc_fast.checkpoint"
 FORMAT_VERSION = 1
+CHECKPOINT_MANIFEST = "checkpoint.json"
+MANIFEST_FORMAT_NAME = "dualenc_fast.checkpoint_manifest"
+CHECKPOINT_FILES = ("model.safetensors", "model.json", "state.safetensors", "state.json")
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint was skipped (incomplete or corrupt) while looking for one to resume from."""
 
 
 # --------------------------------------------------------------------------- atomic files
@@ -63,14 +85,48 @@ def _atomic_write(path, writer) -> Path:
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS and not isinstance(exc, DiskFullError):
+            raise DiskFullError(path) from exc
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def file_sha256(path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while True:
+            block = fh.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_record(path) -> dict:
+    """``{"sha256", "bytes"}`` of a file, as stored in checkpoint and model JSON."""
+    return {"sha256": file_sha256(path), "bytes": os.path.getsize(path)}
+
+
+def verify_file(path, record: dict, error=CorruptFileError) -> None:
+    """Raise ``error`` naming ``path`` unless it exists with the size and sha256 in ``record``."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path} is missing")
+    if not isinstance(record, dict) or not isinstance(record.get("sha256"), str):
+        raise error(f"no content hash recorded for {path}")
+    size = os.path.getsize(path)
+    if "bytes" in record and size != record["bytes"]:
+        raise error(f"{path} is corrupt: {size} bytes, {record['bytes']} expected (truncated or overwritten)")
+    digest = file_sha256(path)
+    if digest != record["sha256"]:
+        raise error(f"{path} is corrupt: its sha256 is {digest[:12]}..., {record['sha256'][:12]}... expected")
 
 
 def atomic_write_bytes(path, data: bytes) -> Path:
@@ -106,12 +162,30 @@ def atomic_save_tensors(path, tensors: dict, metadata: Optional[dict] = None) ->
 
 
 def load_tensors(path, device="cpu") -> dict:
-    return load_file(str(path), device=str(device))
+    """The tensors of a safetensors file; a file that is not one (truncated, damaged header)
+    raises :class:`CorruptFileError` naming it."""
+    try:
+        return load_file(str(path), device=str(device))
+    except OSError as exc:
+        if exc.errno is not None:  # missing, unreadable, I/O error: not a format problem
+            raise
+        raise CorruptFileError(f"{path} is not a readable safetensors file ({_one_line(exc)})") from exc
+    except Exception as exc:  # safetensors' own SafetensorError: truncated or damaged header/data
+        raise CorruptFileError(f"{path} is not a readable safetensors file ({_one_line(exc)})") from exc
 
 
 def read_json(path) -> Any:
-    with open(path, "r", encoding="utf-8") as fh:
-        return json.load(fh)
+    """Parse a JSON file; one that does not parse raises :class:`CorruptFileError` naming it."""
+    try:
+        with open(path, "r", encoding="utf-8") as fh:
+            return json.load(fh)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptFileError(f"{path} is not valid JSON ({_one_line(exc)})") from exc
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
 
 
 # --------------------------------------------------------------------------- nested state <-> (JSON, tensors)
@@ -231,8 +305,21 @@ def save_model(model, path, *, extra: Optional[dict] = None) -> Path:
     if extra:
         config["extra"] = extra
     atomic_save_tensors(path / "model.safetensors", folded.state_dict(), metadata={"format": MODEL_FORMAT})
+    config["files"] = {"model.safetensors": file_record(path / "model.safetensors")}
     atomic_write_json(path / "config.json", config)
     return path
+
+
+def _load_verified_weights(folder: Path, config: dict) -> dict:
+    """``folder/model.safetensors``, checked against the hash ``config.json`` records
+    (folders written before hashes were recorded are read unchecked)."""
+    weights = folder / "model.safetensors"
+    if not weights.exists():
+        raise FileNotFoundError(f"{folder} has a config.json but no model.safetensors")
+    record = (config.get("files") or {}).get("model.safetensors")
+    if record is not None:
+        verify_file(weights, record)
+    return load_tensors(weights)
 
 
 def load_model(path, *, backend: str = "auto", device="cpu"):
@@ -251,23 +338,35 @@ def load_model(path, *, backend: str = "auto", device="cpu"):
         return load_model(path / "model", backend=backend, device=device)
     if not (path / "config.json").exists():
         if (path / "model.json").exists():  # a training checkpoint
+            verify_checkpoint(path)
             config = read_json(path / "model.json")
             model = build_model(config, backend=backend)
             model.load_state_dict(load_tensors(path / "model.safetensors"))
             return model.to(device)
-        ckpt = latest_checkpoint(path)
+        ckpt = _newest_good_or_none(path)
         if ckpt is not None:
             return load_model(ckpt, backend=backend, device=device)
         raise FileNotFoundError(f"{path} holds no config.json/model.safetensors (nor a run or SAELens folder)")
     config = read_json(path / "config.json")
-    if config.get("format") != MODEL_FORMAT:
-        ckpt = latest_checkpoint(path)  # a training run still in progress: its newest checkpoint
+    if not isinstance(config, dict) or config.get("format") != MODEL_FORMAT:
+        ckpt = _newest_good_or_none(path)  # a training run still in progress: its newest checkpoint
         if ckpt is not None:
             return load_model(ckpt, backend=backend, device=device)
-        raise ValueError(f"{path / 'config.json'} is not a dualenc_fast model config (format={config.get('format')!r})")
+        fmt = config.get("format") if isinstance(config, dict) else None
+        raise CorruptFileError(f"{path / 'config.json'} is not a dualenc_fast model config (format={fmt!r})")
     model = build_model(config, backend=backend)
-    model.load_state_dict(load_tensors(path / "model.safetensors"))
+    model.load_state_dict(_load_verified_weights(path, config))
     return model.to(device)
+
+
+def _newest_good_or_none(run_dir) -> Optional[Path]:
+    """The newest checkpoint of a run that verifies (skipped ones are warned about), or None;
+    a run whose checkpoints all fail raises :class:`NoGoodCheckpointError`."""
+    found, skipped = find_resumable(run_dir)
+    _warn_skipped(skipped)
+    if found is None and skipped:
+        raise NoGoodCheckpointError(_none_good_message(run_dir, skipped))
+    return found
 
 
 # --------------------------------------------------------------------------- training checkpoints
@@ -282,16 +381,79 @@ def _step_name(step: int) -> str:
 
 
 def _complete(folder: Path) -> bool:
-    return all((folder / f).exists() for f in ("model.safetensors", "model.json", "state.json"))
+    return all((folder / f).exists() for f in ("model.safetensors", "model.json", "state.json", CHECKPOINT_MANIFEST))
 
 
-def list_checkpoints(run_dir) -> list:
-    """Complete checkpoint folders of a run, oldest first."""
+def _step_folders(run_dir) -> list:
+    """Every ``step_*`` folder of a run, complete or not, oldest first."""
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and _complete(p)]
-    return sorted(found, key=lambda p: p.name)
+    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")), key=lambda p: p.name)
+
+
+def list_checkpoints(run_dir) -> list:
+    """Complete checkpoint folders of a run, oldest first (complete: every file present;
+    :func:`verify_checkpoint` checks their contents)."""
+    return [p for p in _step_folders(run_dir) if _complete(p)]
+
+
+def _manifest_seal(doc: dict) -> str:
+    body = {k: v for k, v in doc.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
+
+
+def verify_checkpoint(folder) -> dict:
+    """Check a checkpoint folder against its ``checkpoint.json``: the manifest's own seal,
+    then the size and sha256 of each file. Returns the manifest; raises
+    :class:`CheckpointError` (a ``ValueError``) naming the first bad file."""
+    folder = Path(folder)
+    manifest = folder / CHECKPOINT_MANIFEST
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is not a checkpoint folder")
+    if not manifest.exists():
+        missing = [f for f in CHECKPOINT_FILES if not (folder / f).exists()]
+        what = f"lacks {', '.join(missing + [CHECKPOINT_MANIFEST])}" if missing else f"has no {CHECKPOINT_MANIFEST}"
+        raise CheckpointError(f"checkpoint {folder} is incomplete: it {what}")
+    try:
+        doc = read_json(manifest)
+    except CorruptFileError as exc:
+        raise CheckpointError(str(exc)) from exc
+    if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT_NAME:
+        raise CheckpointError(f"{manifest} is not a dualenc_fast checkpoint manifest")
+    if doc.get("sha256") != _manifest_seal(doc):
+        raise CheckpointError(f"{manifest} is corrupt: its content does not match its own sha256")
+    files = doc.get("files")
+    if not isinstance(files, dict) or any(f not in files for f in CHECKPOINT_FILES):
+        raise CheckpointError(f"{manifest} does not list every checkpoint file")
+    for name in CHECKPOINT_FILES:
+        verify_file(folder / name, files[name], error=CheckpointError)
+    return doc
+
+
+def find_resumable(run_dir):
+    """``(newest checkpoint that verifies or None, [(skipped folder, reason), ...])``,
+    walking the run's ``step_*`` folders newest first."""
+    skipped = []
+    for folder in reversed(_step_folders(run_dir)):
+        try:
+            verify_checkpoint(folder)
+        except CheckpointError as exc:
+            skipped.append((folder, str(exc)))
+            continue
+        return folder, skipped
+    return None, skipped
+
+
+def _warn_skipped(skipped) -> None:
+    for folder, reason in skipped:
+        warnings.warn(CheckpointWarning(f"skipping checkpoint {folder.name}: {reason}"), stacklevel=3)
+
+
+def _none_good_message(run_dir, skipped) -> str:
+    names = ", ".join(f.name for f, _ in skipped)
+    return (f"no usable checkpoint in {checkpoint_dir(run_dir)}: all {len(skipped)} fail verification ({names}); "
+            f"first reason: {skipped[0][1]}")
 
 
 def latest_checkpoint(run_dir) -> Optional[Path]:
@@ -318,6 +480,8 @@ def save_checkpoint(run_dir, step: int, model, optimizer=None, scheduler=None, *
     """
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-step_*"):  # left by a writer that was killed mid-checkpoint
+        shutil.rmtree(stale, ignore_errors=True)
     name = _step_name(step)
     final = root / name
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=str(root)))
@@ -332,6 +496,10 @@ def save_checkpoint(run_dir, step: int, model, optimizer=None, scheduler=None, *
             "extra": extra or {},
         }
         save_state(tmp / "state.json", tmp / "state.safetensors", state)
+        manifest = {"format": MANIFEST_FORMAT_NAME, "format_version": 1, "step": int(step),
+                    "files": {f: file_record(tmp / f) for f in CHECKPOINT_FILES}}
+        manifest["sha256"] = _manifest_seal(manifest)
+        atomic_write_json(tmp / CHECKPOINT_MANIFEST, manifest)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -341,21 +509,31 @@ def save_checkpoint(run_dir, step: int, model, optimizer=None, scheduler=None, *
         raise
     atomic_write_json(root / "latest.json", {"name": name, "step": int(step)})
     if keep and keep > 0:
-        for old in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        kept = list_checkpoints(run_dir)[-keep:]
+        for old in _step_folders(run_dir):  # also half-pruned or incomplete folders older than those kept
+            if old.name < kept[0].name:
+                shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def load_checkpoint(path, model=None, optimizer=None, scheduler=None, *, restore_rng: bool = True) -> dict:
-    """Read a checkpoint (a ``step_*`` folder or a run folder: its latest) and load it
-    into the objects given. Returns ``{"step", "extra", "path", "model_config",
+def load_checkpoint(path, model=None, optimizer=None, scheduler=None, *, restore_rng: bool = True,
+                    verify: bool = True) -> dict:
+    """Read a checkpoint (a ``step_*`` folder, or a run folder: its newest checkpoint that
+    verifies, warning about newer ones skipped) and load it into the objects given.
+    ``verify``: check every file against ``checkpoint.json`` first (raises
+    :class:`CheckpointError`). Returns ``{"step", "extra", "path", "model_config",
     "model_state", "optimizer", "scheduler", "rng"}``."""
     path = Path(path)
-    if not (path / "state.json").exists():
-        found = latest_checkpoint(path)
+    if not (path / "state.json").exists() and not (path / CHECKPOINT_MANIFEST).exists():
+        found, skipped = find_resumable(path)
+        _warn_skipped(skipped)
         if found is None:
+            if skipped:
+                raise NoGoodCheckpointError(_none_good_message(path, skipped))
             raise FileNotFoundError(f"no complete checkpoint under {path}")
         path = found
+    elif verify:
+        verify_checkpoint(path)
     model_state = load_tensors(path / "model.safetensors")
     state = load_state(path / "state.json", path / "state.safetensors")
     if model is not None:

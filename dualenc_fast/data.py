@@ -25,6 +25,7 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Union
 import torch
 
 from .checkpoint import atomic_save_tensors, atomic_write_json, load_tensors, read_json
+from .errors import DataError
 
 MANIFEST_FORMAT = "dualenc_fast.activations"
 WINDOW = 50
@@ -360,6 +361,7 @@ class ActivationStore:
         self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), self.counts.cumsum(0)])
         self._cache: "OrderedDict[int, torch.Tensor]" = OrderedDict()
         self.cache_shards = max(1, cache_shards)
+        self._checked: set = set()  # shards found finite (checked once, on first load)
 
     def __repr__(self) -> str:
         return f"ActivationStore({str(self.folder)!r}, count={self.count}, d={self.d}, shards={len(self.shards)})"
@@ -388,11 +390,34 @@ class ActivationStore:
         if i in self._cache:
             self._cache.move_to_end(i)
             return self._cache[i]
-        t = load_tensors(self.folder / self.shards[i]["file"])["activations"].float()
+        path = self.folder / self.shards[i]["file"]
+        try:
+            t = load_tensors(path)["activations"].float()
+        except KeyError:
+            raise DataError(f"{path} holds no 'activations' tensor: not a dualenc_fast activation shard") from None
+        if i not in self._checked:
+            self._check_finite(i, path, t)
+            self._checked.add(i)
         self._cache[i] = t
         while len(self._cache) > self.cache_shards:
             self._cache.popitem(last=False)
         return t
+
+    def _check_finite(self, i: int, path: Path, t: torch.Tensor) -> None:
+        """Raise :class:`DataError` naming the shard and row range if ``t`` holds NaN/Inf."""
+        if t.dim() != 2 or t.shape[1] != self.d or t.shape[0] != int(self.counts[i]):
+            raise DataError(f"{path}: activations of shape {tuple(t.shape)}, the manifest says "
+                            f"[{int(self.counts[i])}, {self.d}]")
+        if bool(torch.isfinite(t).all()):
+            return
+        bad = (~torch.isfinite(t)).any(dim=1).nonzero().squeeze(1)
+        lo, hi = int(bad[0]), int(bad[-1])
+        n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+        first = int(self.offsets[i])
+        raise DataError(
+            f"{path.name} (shard {i}) holds NaN/Inf activations in {bad.numel()} row(s) within rows {lo}..{hi} of "
+            f"the shard (rows {first + lo}..{first + hi} of the store; {n_nan} NaN, {n_inf} Inf values): "
+            "collect the activations again (a float32 --dtype avoids float16 overflow) or remove those rows")
 
     def _split_rows(self, i: int, split: str, val_fraction: float) -> torch.Tensor:
         n = int(self.counts[i])

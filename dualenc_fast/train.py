@@ -17,8 +17,11 @@ with no sparsity penalty (TopK is the sparsity).
 Every run writes ``out/config.json``, ``out/metrics.jsonl`` (one line per step,
 plus ``"split": "val"`` lines), ``out/checkpoints/`` (resumable, atomic),
 ``out/model/`` (final weights, :func:`dualenc_fast.checkpoint.load_model`) and
-``out/summary.json``. ``resume=True`` continues from the newest checkpoint and
-reproduces the uninterrupted run exactly.
+``out/summary.json``. ``resume=True`` continues from the newest checkpoint that
+verifies (newer incomplete or corrupt ones are moved aside to
+``checkpoints/corrupt-step_*`` with a warning) and reproduces the uninterrupted
+run exactly; it refuses, rather than start again from step 0, a run that has
+progress but no usable checkpoint.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Union
@@ -36,6 +40,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .data import ActivationStore
+from .errors import NoGoodCheckpointError
 from .modules import JointSAENFM, TopKSparseAutoencoder
 
 KINDS = ("sae", "sae_bias", "sequential", "joint")
@@ -255,17 +260,18 @@ class _MetricsLog:
         self.fh = None
 
     def truncate_after(self, step: int) -> None:
-        """Keep only lines with ``step <= step`` (resume)."""
+        """Keep only lines with ``step <= step`` and no final validation (resume)."""
         if not self.path.exists():
             return
         keep = []
         with open(self.path, encoding="utf-8") as fh:
             for line in fh:
                 try:
-                    if json.loads(line).get("step", 0) <= step:
-                        keep.append(line if line.endswith("\n") else line + "\n")
+                    row = json.loads(line)
                 except json.JSONDecodeError:
                     break  # a torn last line
+                if row.get("step", 0) <= step and not row.get("final"):
+                    keep.append(line if line.endswith("\n") else line + "\n")
         ckpt.atomic_write_text(self.path, "".join(keep))
 
     def write(self, row: dict) -> None:
@@ -291,6 +297,32 @@ def read_metrics(path) -> list:
 
 # --------------------------------------------------------------------------- training
 
+RUN_FILES = ("checkpoints", "model", "metrics.jsonl", "summary.json", "config.json", "wandb.json")
+
+
+def _run_progress(out_dir: Path) -> list:
+    """What in ``out_dir`` shows a run made progress (config.json alone does not)."""
+    found = []
+    root = ckpt.checkpoint_dir(out_dir)
+    if root.is_dir() and any(p.name.startswith("step_") for p in root.iterdir()):
+        found.append("checkpoints/")
+    metrics = out_dir / "metrics.jsonl"
+    if metrics.exists() and metrics.stat().st_size > 0:
+        found.append("metrics.jsonl")
+    for name in ("model", "summary.json"):
+        if (out_dir / name).exists():
+            found.append(name)
+    return found
+
+
+def _set_aside(folder: Path) -> Path:
+    """Rename a bad checkpoint folder to ``corrupt-<name>`` (kept for inspection, out of the way)."""
+    dest = folder.with_name(f"corrupt-{folder.name}")
+    if dest.exists():
+        shutil.rmtree(dest, ignore_errors=True)
+    os.replace(folder, dest)
+    return dest
+
 
 def train(
     config: TrainConfig,
@@ -302,12 +334,16 @@ def train(
     progress: bool = True,
     stop_after: Optional[int] = None,
     save_final: bool = True,
+    wandb_project: Optional[str] = None,
 ) -> TrainResult:
     """Train ``config.kind`` on the activations in ``store``; write everything to ``out_dir``.
 
-    ``resume``: continue from the newest checkpoint in ``out_dir`` (exactly).
+    ``resume``: continue from the newest checkpoint in ``out_dir`` that verifies (exactly);
+    a folder with no run in it starts a new one (with a warning); a run with progress
+    but no usable checkpoint raises :class:`NoGoodCheckpointError`.
     ``overwrite``: delete an existing run in ``out_dir`` first.
     ``stop_after``: stop once this many steps are done (testing interruptions).
+    ``wandb_project``: also log the metrics to this Weights & Biases project (rank 0 only).
     """
     from tqdm.auto import tqdm
 
@@ -316,19 +352,36 @@ def train(
         store = ActivationStore(store)
     out_dir = Path(out_dir)
     cfg_path = out_dir / "config.json"
-    existing = cfg_path.exists() or ckpt.checkpoint_dir(out_dir).exists()
-    if existing and not resume:
+    progress_found = _run_progress(out_dir)
+    if progress_found and not resume:
         if not overwrite:
-            raise ValueError(f"{out_dir} already holds a run: pass resume (--resume) to continue it, "
-                             "overwrite (--overwrite) to replace it, or choose another output folder")
-        for name in ("checkpoints", "model", "metrics.jsonl", "summary.json", "config.json"):
+            raise ValueError(f"{out_dir} already holds a run ({', '.join(progress_found)}): pass resume (--resume) "
+                             "to continue it, overwrite (--overwrite) to replace it, or choose another output folder")
+        for name in RUN_FILES:
             p = out_dir / name
             if p.is_dir():
                 shutil.rmtree(p)
             elif p.exists():
                 p.unlink()
+    found = None
+    if resume:
+        found, skipped = ckpt.find_resumable(out_dir)
+        if found is None and skipped:
+            raise NoGoodCheckpointError(
+                f"cannot resume {out_dir}: none of its {len(skipped)} checkpoint(s) verifies "
+                f"({'; '.join(reason for _, reason in skipped)}); pass overwrite (--overwrite) to start again")
+        if found is None and progress_found:
+            raise NoGoodCheckpointError(
+                f"cannot resume {out_dir}: it holds {', '.join(progress_found)} but no checkpoint; "
+                "pass overwrite (--overwrite) to start again from step 0")
+        for folder, reason in skipped:
+            moved = _set_aside(folder)
+            warnings.warn(ckpt.CheckpointWarning(f"skipping checkpoint {folder.name}: {reason} "
+                                                 f"(moved to {moved.name})"), stacklevel=2)
+        if found is None:
+            warnings.warn(ckpt.CheckpointWarning(f"nothing to resume in {out_dir}: starting a new run"), stacklevel=2)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if resume and cfg_path.exists():
+    if found is not None and cfg_path.exists():
         saved = TrainConfig.from_dict(ckpt.read_json(cfg_path)["train"])
         if saved.to_dict() != config.to_dict():
             diff = sorted(k for k, v in config.to_dict().items() if saved.to_dict().get(k) != v)
@@ -348,9 +401,9 @@ def train(
     done = 0
     extra: dict = {}
     elapsed_before = 0.0
-    latest = ckpt.latest_checkpoint(out_dir) if resume else None
+    latest = found
     if latest is not None:
-        info = ckpt.load_checkpoint(latest, model, restore_rng=False)
+        info = ckpt.load_checkpoint(latest, model, restore_rng=False, verify=False)  # verified just above
         done = int(info["step"])
         extra = info["extra"]
         dead_counter = extra.get("dead_counter", dead_counter)
@@ -377,10 +430,14 @@ def train(
 
     loader = store.loader(config.batch_size, seed=config.seed, split="train", val_fraction=config.val_fraction,
                           start_batch=done, shuffle_shards=config.shuffle_shards)
+    from .tracking import start_wandb
+
+    tracker = start_wandb(wandb_project, out_dir, config=config.to_dict(), resume=found is not None)
     t0 = time.time()
     bar = tqdm(total=total, initial=done, desc=f"train {config.kind}", unit="step", disable=not progress)
     stage_start = 0
     result_summary = {}
+    ok = False
     try:
         for stage, n_steps in stages:
             stage_end = stage_start + n_steps
@@ -394,7 +451,7 @@ def train(
                 # that starts right at the checkpoint gets fresh ones, as in an unbroken run
                 same_stage = extra.get("stage") == stage
                 ckpt.load_checkpoint(latest, None, opt if same_stage else None, sched if same_stage else None,
-                                     restore_rng=True)
+                                     restore_rng=True, verify=False)
                 latest = None
             trains_sae = stage != "nfm"
             module.train()
@@ -445,11 +502,16 @@ def train(
                         if aux is not None:
                             row["aux_loss"] = float(aux.detach())
                     log.write(row)
+                    if tracker is not None:
+                        tracker.log(row, done)
                 bar.update(1)
                 if progress:
                     bar.set_postfix(loss=f"{loss_value:.4g}", refresh=False)
                 if config.val_every and done % config.val_every == 0 and done < total:
-                    log.write({"step": done, "split": "val", **evaluate(model if stage != "sae" else module, val_x)})
+                    row = {"step": done, "split": "val", **evaluate(model if stage != "sae" else module, val_x)}
+                    log.write(row)
+                    if tracker is not None:
+                        tracker.log(row, done)
                 if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == total:
                     log.flush()
                     ckpt.save_checkpoint(out_dir, done, model, opt, sched, keep=config.keep_checkpoints, extra={
@@ -461,6 +523,8 @@ def train(
         final_model = model
         val = evaluate(final_model, val_x)
         log.write({"step": done, "split": "val", "final": True, **val})
+        if tracker is not None:
+            tracker.log({"split": "val", **val}, done)
         result_summary = {
             "kind": config.kind, "steps": done, "tokens_seen": done * config.batch_size,
             "train_seconds": elapsed_before + time.time() - t0, "val": val,
@@ -469,9 +533,12 @@ def train(
         if save_final:
             final_model.save(out_dir / "model")
         ckpt.atomic_write_json(out_dir / "summary.json", result_summary)
+        ok = True
     finally:
         bar.close()
         log.close()
+        if tracker is not None:
+            tracker.finish(ok)
     return TrainResult(model, out_dir, result_summary)
 
 
