@@ -90,11 +90,22 @@ def _atomic_write(path, writer) -> Path:
             os.unlink(tmp)
         except OSError:
             pass
-        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS and not isinstance(exc, DiskFullError):
+        if _is_disk_full(exc):
             raise DiskFullError(path) from exc
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC/EDQUOT, as an OSError or inside another library's error (safetensors reports
+    ``I/O error: No space left on device (os error 28)`` as a SafetensorError)."""
+    if isinstance(exc, DiskFullError):
+        return False
+    if isinstance(exc, OSError):
+        return exc.errno in DISK_FULL_ERRNOS
+    text = str(exc)
+    return any(f"(os error {n})" in text for n in DISK_FULL_ERRNOS) or "No space left on device" in text
 
 
 def file_sha256(path, chunk: int = 1 << 20) -> str:

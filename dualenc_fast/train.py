@@ -25,6 +25,7 @@ progress but no usable checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -40,7 +41,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .data import ActivationStore
-from .errors import NoGoodCheckpointError
+from .errors import DISK_FULL_ERRNOS, DiskFullError, NoGoodCheckpointError
 from .modules import JointSAENFM, TopKSparseAutoencoder
 
 KINDS = ("sae", "sae_bias", "sequential", "joint")
@@ -275,18 +276,30 @@ class _MetricsLog:
         ckpt.atomic_write_text(self.path, "".join(keep))
 
     def write(self, row: dict) -> None:
-        if self.fh is None:
-            self.fh = open(self.path, "a", encoding="utf-8")
-        self.fh.write(json.dumps(row) + "\n")
+        with self._disk_full_is_clear():
+            if self.fh is None:
+                self.fh = open(self.path, "a", encoding="utf-8")
+            self.fh.write(json.dumps(row) + "\n")
 
     def flush(self) -> None:
         if self.fh is not None:
-            self.fh.flush()
+            with self._disk_full_is_clear():
+                self.fh.flush()
+
+    @contextlib.contextmanager
+    def _disk_full_is_clear(self):
+        try:
+            yield
+        except OSError as exc:
+            if exc.errno in DISK_FULL_ERRNOS:
+                raise DiskFullError(self.path) from exc
+            raise
 
     def close(self) -> None:
         if self.fh is not None:
-            self.fh.close()
-            self.fh = None
+            fh, self.fh = self.fh, None
+            with self._disk_full_is_clear():
+                fh.close()
 
 
 def read_metrics(path) -> list:

@@ -50,6 +50,10 @@ def register(sub):
     p.add_argument("--normalize-input", action="store_true",
                    help="scale inputs to unit mean squared norm (folded into the saved weights)")
     p.add_argument("--export-saelens", default=None, metavar="DIR", help="also export the SAE in SAELens layout to DIR")
+    p.add_argument("--wandb", default=None, metavar="PROJECT",
+                   help="also log metrics to this Weights & Biases project (rank 0 only; needs `pip install wandb`; "
+                        "the run id is kept in OUT/wandb.json so --resume continues the same W&B run; "
+                        "WANDB_MODE=offline logs locally)")
     add_run_options(p)
     p.set_defaults(func=run)
 
@@ -77,7 +81,7 @@ def run(args) -> int:
     config = config_from_args(args)
     store = ActivationStore(args.activations)
     result = train(config, store, args.out, resume=args.resume, overwrite=args.overwrite,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, wandb_project=args.wandb)
     val = result.summary["val"]
     print(json.dumps({"kind": config.kind, "steps": result.summary["steps"], "val_mse": val["mse"],
                       "val_fvu": val["fvu"], "l0": val["l0"], "out": str(args.out)}))
