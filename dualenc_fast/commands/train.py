@@ -61,6 +61,10 @@ def register(sub):
     p.add_argument("--dist-timeout", type=float, default=300.0, metavar="SECONDS",
                    help="under torchrun: how long a rank waits for the others in a collective before it "
                         "stops with an error (default: 300)")
+    p.add_argument("--wandb", default=None, metavar="PROJECT",
+                   help="also log metrics to this Weights & Biases project (rank 0 only; needs `pip install wandb`; "
+                        "the run id is kept in OUT/wandb.json so --resume continues the same W&B run; "
+                        "WANDB_MODE=offline logs locally)")
     add_run_options(p)
     p.set_defaults(func=run)
 
@@ -100,7 +104,7 @@ def run(args) -> int:
                          f"({torch.distributed.get_backend()}), global batch {config.batch_size}")
         store = ActivationStore(args.activations)
         result = train(config, store, args.out, resume=args.resume, overwrite=args.overwrite,
-                       progress=not args.no_progress, device=device)
+                       progress=not args.no_progress, device=device, wandb_project=args.wandb)
     finally:
         dist_.shutdown()
     if dist_.rank_from_env() != 0:

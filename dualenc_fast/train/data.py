@@ -26,6 +26,7 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Union
 
 import torch
 
+from ..errors import DataError
 from ..storage import atomic_save_tensors, atomic_write_json, load_tensors, read_json
 
 MANIFEST_FORMAT = "dualenc_fast.activations"
@@ -363,6 +364,7 @@ class ActivationStore:
         self._cache: "OrderedDict[int, torch.Tensor]" = OrderedDict()
         self.cache_shards = max(1, cache_shards)
         self._lock = threading.Lock()  # the batch prefetcher reads from its own thread
+        self._checked: set = set()  # shards found finite (checked once, on first load)
 
     def __repr__(self) -> str:
         return f"ActivationStore({str(self.folder)!r}, count={self.count}, d={self.d}, shards={len(self.shards)})"
@@ -395,7 +397,11 @@ class ActivationStore:
             if i in self._cache:
                 self._cache.move_to_end(i)
                 return self._cache[i]
-            t = load_tensors(self.folder / self.shards[i]["file"])["activations"]
+            path = self.folder / self.shards[i]["file"]
+            try:
+                t = load_tensors(path)["activations"]
+            except KeyError:
+                raise DataError(f"{path} holds no 'activations' tensor: not a dualenc_fast activation shard") from None
             self._cache[i] = t
             while len(self._cache) > self.cache_shards:
                 self._cache.popitem(last=False)
@@ -403,8 +409,28 @@ class ActivationStore:
 
     def shard(self, i: int) -> torch.Tensor:
         """The activations of shard ``i`` as float32 (a float32 shard stays memory-mapped;
-        16-bit shards are converted, a copy)."""
-        return self.stored_shard(i).float()
+        16-bit shards are converted, a copy). Checked for NaN/Inf once, on first use."""
+        t = self.stored_shard(i)
+        if i not in self._checked:
+            self._check_finite(i, self.folder / self.shards[i]["file"], t)
+            self._checked.add(i)
+        return t.float()
+
+    def _check_finite(self, i: int, path: Path, t: torch.Tensor) -> None:
+        """Raise :class:`DataError` naming the shard and row range if ``t`` holds NaN/Inf."""
+        if t.dim() != 2 or t.shape[1] != self.d or t.shape[0] != int(self.counts[i]):
+            raise DataError(f"{path}: activations of shape {tuple(t.shape)}, the manifest says "
+                            f"[{int(self.counts[i])}, {self.d}]")
+        if bool(torch.isfinite(t).all()):
+            return
+        bad = (~torch.isfinite(t)).any(dim=1).nonzero().squeeze(1)
+        lo, hi = int(bad[0]), int(bad[-1])
+        n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+        first = int(self.offsets[i])
+        raise DataError(
+            f"{path.name} (shard {i}) holds NaN/Inf activations in {bad.numel()} row(s) within rows {lo}..{hi} of "
+            f"the shard (rows {first + lo}..{first + hi} of the store; {n_nan} NaN, {n_inf} Inf values): "
+            "collect the activations again (a float32 --dtype avoids float16 overflow) or remove those rows")
 
     def _split_rows(self, i: int, split: str, val_fraction: float) -> torch.Tensor:
         n = int(self.counts[i])

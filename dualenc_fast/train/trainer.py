@@ -17,17 +17,22 @@ with no sparsity penalty (TopK is the sparsity).
 Every run writes ``out/config.json``, ``out/metrics.jsonl`` (one line per step,
 plus ``"split": "val"`` lines), ``out/checkpoints/`` (resumable, atomic),
 ``out/model/`` (final weights, :func:`dualenc_fast.train.checkpoint.load_model`) and
-``out/summary.json``. ``resume=True`` continues from the newest checkpoint and
-reproduces the uninterrupted run exactly.
+``out/summary.json``. ``resume=True`` continues from the newest checkpoint that
+verifies (newer incomplete or corrupt ones are moved aside to
+``checkpoints/corrupt-step_*`` with a warning) and reproduces the uninterrupted
+run exactly; it refuses, rather than start again from step 0, a run that has
+progress but no usable checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Union
@@ -36,6 +41,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .data import ActivationStore, BatchPrefetcher
+from ..errors import DISK_FULL_ERRNOS, DiskFullError, NoGoodCheckpointError
 from ..nn.modules import JointSAENFM, TopKSparseAutoencoder
 
 KINDS = ("sae", "sae_bias", "sequential", "joint")
@@ -263,32 +269,45 @@ class _MetricsLog:
         self.fh = None
 
     def truncate_after(self, step: int) -> None:
-        """Keep only lines with ``step <= step`` (resume)."""
+        """Keep only lines with ``step <= step`` and no final validation (resume)."""
         if not self.path.exists():
             return
         keep = []
         with open(self.path, encoding="utf-8") as fh:
             for line in fh:
                 try:
-                    if json.loads(line).get("step", 0) <= step:
-                        keep.append(line if line.endswith("\n") else line + "\n")
+                    row = json.loads(line)
                 except json.JSONDecodeError:
                     break  # a torn last line
+                if row.get("step", 0) <= step and not row.get("final"):
+                    keep.append(line if line.endswith("\n") else line + "\n")
         ckpt.atomic_write_text(self.path, "".join(keep))
 
     def write(self, row: dict) -> None:
-        if self.fh is None:
-            self.fh = open(self.path, "a", encoding="utf-8")
-        self.fh.write(json.dumps(row) + "\n")
+        with self._disk_full_is_clear():
+            if self.fh is None:
+                self.fh = open(self.path, "a", encoding="utf-8")
+            self.fh.write(json.dumps(row) + "\n")
 
     def flush(self) -> None:
         if self.fh is not None:
-            self.fh.flush()
+            with self._disk_full_is_clear():
+                self.fh.flush()
+
+    @contextlib.contextmanager
+    def _disk_full_is_clear(self):
+        try:
+            yield
+        except OSError as exc:
+            if exc.errno in DISK_FULL_ERRNOS:
+                raise DiskFullError(self.path) from exc
+            raise
 
     def close(self) -> None:
         if self.fh is not None:
-            self.fh.close()
-            self.fh = None
+            fh, self.fh = self.fh, None
+            with self._disk_full_is_clear():
+                fh.close()
 
 
 def read_metrics(path) -> list:
@@ -299,23 +318,69 @@ def read_metrics(path) -> list:
 
 # --------------------------------------------------------------------------- training
 
+RUN_FILES = ("checkpoints", "model", "metrics.jsonl", "summary.json", "config.json", "wandb.json")
 
-def _prepare_run_dir(config: TrainConfig, store: ActivationStore, out_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Check, clear (overwrite) and describe the run folder (rank 0 only)."""
+
+def _run_progress(out_dir: Path) -> list:
+    """What in ``out_dir`` shows a run made progress (config.json alone does not)."""
+    found = []
+    root = ckpt.checkpoint_dir(out_dir)
+    if root.is_dir() and any(p.name.startswith("step_") for p in root.iterdir()):
+        found.append("checkpoints/")
+    metrics = out_dir / "metrics.jsonl"
+    if metrics.exists() and metrics.stat().st_size > 0:
+        found.append("metrics.jsonl")
+    for name in ("model", "summary.json"):
+        if (out_dir / name).exists():
+            found.append(name)
+    return found
+
+
+def _set_aside(folder: Path) -> Path:
+    """Rename a bad checkpoint folder to ``corrupt-<name>`` (kept for inspection, out of the way)."""
+    dest = folder.with_name(f"corrupt-{folder.name}")
+    if dest.exists():
+        shutil.rmtree(dest, ignore_errors=True)
+    os.replace(folder, dest)
+    return dest
+
+
+def _prepare_run_dir(config: TrainConfig, store: ActivationStore, out_dir: Path, resume: bool,
+                     overwrite: bool) -> Optional[Path]:
+    """Check, clear (overwrite) and describe the run folder (rank 0 only). Returns the
+    checkpoint to resume from (the newest that verifies; newer bad ones are set aside
+    with a warning), or None."""
     cfg_path = out_dir / "config.json"
-    existing = cfg_path.exists() or ckpt.checkpoint_dir(out_dir).exists()
-    if existing and not resume:
+    progress_found = _run_progress(out_dir)
+    if progress_found and not resume:
         if not overwrite:
-            raise ValueError(f"{out_dir} already holds a run: pass resume (--resume) to continue it, "
-                             "overwrite (--overwrite) to replace it, or choose another output folder")
-        for name in ("checkpoints", "model", "metrics.jsonl", "summary.json", "config.json"):
+            raise ValueError(f"{out_dir} already holds a run ({', '.join(progress_found)}): pass resume (--resume) "
+                             "to continue it, overwrite (--overwrite) to replace it, or choose another output folder")
+        for name in RUN_FILES:
             p = out_dir / name
             if p.is_dir():
                 shutil.rmtree(p)
             elif p.exists():
                 p.unlink()
+    found = None
+    if resume:
+        found, skipped = ckpt.find_resumable(out_dir)
+        if found is None and skipped:
+            raise NoGoodCheckpointError(
+                f"cannot resume {out_dir}: none of its {len(skipped)} checkpoint(s) verifies "
+                f"({'; '.join(reason for _, reason in skipped)}); pass overwrite (--overwrite) to start again")
+        if found is None and progress_found:
+            raise NoGoodCheckpointError(
+                f"cannot resume {out_dir}: it holds {', '.join(progress_found)} but no checkpoint; "
+                "pass overwrite (--overwrite) to start again from step 0")
+        for folder, reason in skipped:
+            moved = _set_aside(folder)
+            warnings.warn(ckpt.CheckpointWarning(f"skipping checkpoint {folder.name}: {reason} "
+                                                 f"(moved to {moved.name})"), stacklevel=2)
+        if found is None:
+            warnings.warn(ckpt.CheckpointWarning(f"nothing to resume in {out_dir}: starting a new run"), stacklevel=2)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if resume and cfg_path.exists():
+    if found is not None and cfg_path.exists():
         saved = TrainConfig.from_dict(ckpt.read_json(cfg_path)["train"])
         if saved.to_dict() != config.to_dict():
             diff = sorted(k for k, v in config.to_dict().items() if saved.to_dict().get(k) != v)
@@ -324,6 +389,7 @@ def _prepare_run_dir(config: TrainConfig, store: ActivationStore, out_dir: Path,
     ckpt.atomic_write_json(cfg_path, {"format": "dualenc_fast.run", "train": config.to_dict(), "data": {
         "folder": str(store.folder), "model": store.manifest.get("model"), "layer": store.manifest.get("layer"),
         "count": store.count, "d": store.d}})
+    return found
 
 
 def _rank_seed(seed: int, rank: int) -> int:
@@ -346,12 +412,16 @@ def train(
     stop_after: Optional[int] = None,
     save_final: bool = True,
     device=None,
+    wandb_project: Optional[str] = None,
 ) -> TrainResult:
     """Train ``config.kind`` on the activations in ``store``; write everything to ``out_dir``.
 
-    ``resume``: continue from the newest checkpoint in ``out_dir`` (exactly).
+    ``resume``: continue from the newest checkpoint in ``out_dir`` that verifies (exactly);
+    a folder with no run in it starts a new one (with a warning); a run with progress
+    but no usable checkpoint raises :class:`NoGoodCheckpointError`.
     ``overwrite``: delete an existing run in ``out_dir`` first.
     ``stop_after``: stop once this many steps are done (testing interruptions).
+    ``wandb_project``: also log the metrics to this Weights & Biases project (rank 0 only).
     ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or None (CUDA when available).
 
     Inside a ``torch.distributed`` process group (torchrun), every rank calls this
@@ -363,7 +433,7 @@ def train(
     """
     from tqdm.auto import tqdm
 
-    from . import distributed as dist_
+    from .. import distributed as dist_
 
     config.validate()
     dev = dist_.resolve_device(device)
@@ -375,15 +445,18 @@ def train(
     if not isinstance(store, ActivationStore):
         store = ActivationStore(store)
     out_dir = Path(out_dir)
-    error = None
+    error, failure, found = None, None, None
     if main:
         try:
-            _prepare_run_dir(config, store, out_dir, resume, overwrite)
-        except ValueError as exc:
-            error = str(exc)
-    error = dist_.broadcast_object(error)
+            found = _prepare_run_dir(config, store, out_dir, resume, overwrite)
+        except (ValueError, NoGoodCheckpointError) as exc:
+            failure = exc
+            error = (isinstance(exc, NoGoodCheckpointError), str(exc))
+    error, found = dist_.broadcast_object((error, found))
+    if failure is not None:
+        raise failure
     if error is not None:
-        raise ValueError(error)
+        raise (NoGoodCheckpointError if error[0] else ValueError)(error[1])
 
     d = store.d
     model = build_model(config, d)
@@ -395,9 +468,9 @@ def train(
     done = 0
     extra: dict = {}
     elapsed_before = 0.0
-    latest = ckpt.latest_checkpoint(out_dir) if resume else None
+    latest = found
     if latest is not None:
-        info = ckpt.load_checkpoint(latest, model, restore_rng=False)
+        info = ckpt.load_checkpoint(latest, model, restore_rng=False, verify=False)  # verified just above
         done = int(info["step"])
         extra = info["extra"]
         dead_counter = extra.get("dead_counter", dead_counter)
@@ -433,6 +506,11 @@ def train(
     losses = torch.zeros(interval, dtype=torch.float32, device=dev)
     pending: list = []  # (step, stage, lr) of the losses not yet read
     row_stats = None  # the device-side figures of the step to log
+    tracker = None
+    if main:
+        from ..tracking import start_wandb
+
+        tracker = start_wandb(wandb_project, out_dir, config=config.to_dict(), resume=found is not None)
     t0 = time.time()
     bar = tqdm(total=total, initial=done, desc=f"train {config.kind}", unit="step", disable=not (progress and main))
     stage_start = 0
@@ -470,11 +548,14 @@ def train(
                 row["aux_loss"] = float(stats["aux"])
             if main:
                 log.write(row)
+                if tracker is not None:
+                    tracker.log(row, step)
                 if progress:
                     bar.set_postfix(loss=f"{row['loss']:.4g}", refresh=False)
             row_stats = None
         pending.clear()
 
+    ok = False
     try:
         for stage, n_steps in stages:
             stage_end = stage_start + n_steps
@@ -488,7 +569,7 @@ def train(
                 # that starts right at the checkpoint gets fresh ones, as in an unbroken run
                 same_stage = extra.get("stage") == stage
                 ckpt.load_checkpoint(latest, None, opt if same_stage else None, sched if same_stage else None,
-                                     restore_rng=True)
+                                     restore_rng=True, verify=False)
                 rank_rng = extra.get("rank_rng")
                 if rank_rng is not None and len(rank_rng) == world:
                     torch.set_rng_state(rank_rng[rank])
@@ -553,7 +634,10 @@ def train(
                     read_back(sched)
                 bar.update(1)
                 if val_now and main:
-                    log.write({"step": done, "split": "val", **evaluate(model if stage != "sae" else module, val_x)})
+                    row = {"step": done, "split": "val", **evaluate(model if stage != "sae" else module, val_x)}
+                    log.write(row)
+                    if tracker is not None:
+                        tracker.log(row, done)
                 if ckpt_now:
                     states = dist_.all_gather_object((torch.get_rng_state(), _device_rng(dev)))
                     if main:
@@ -573,6 +657,8 @@ def train(
         if main:
             val = evaluate(final_model, val_x)
             log.write({"step": done, "split": "val", "final": True, **val})
+            if tracker is not None:
+                tracker.log({"split": "val", **val}, done)
             result_summary = {
                 "kind": config.kind, "steps": done, "tokens_seen": done * config.batch_size,
                 "train_seconds": elapsed_before + time.time() - t0, "val": val,
@@ -583,10 +669,13 @@ def train(
                 final_model.save(out_dir / "model")
             ckpt.atomic_write_json(out_dir / "summary.json", result_summary)
         result_summary = dist_.broadcast_object(result_summary)
+        ok = True
     finally:
         loader.close()
         bar.close()
         log.close()
+        if tracker is not None:
+            tracker.finish(ok)
     return TrainResult(model, out_dir, result_summary)
 
 
