@@ -5,7 +5,8 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("demo", "collect", "train", "eval", "analyze", "bench", "info")
+COMMANDS = ("demo", "collect", "train", "eval", "analyze", "import", "bench", "info")
+_MODULES = {"import": "import_"}  # command names that are Python keywords
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMANDS:
-        importlib.import_module(f"dualenc_fast.commands.{name}").register(sub)
+        importlib.import_module(f"dualenc_fast.commands.{_MODULES.get(name, name)}").register(sub)
     return parser
 
 
