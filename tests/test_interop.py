@@ -101,10 +101,15 @@ def test_sparsify_hookpoint_folders_and_refusals(tmp_path):
         interop.import_sparsify(tmp_path / "bad")
 
 
-def test_sparsify_real_package(tmp_path):
+def test_sparsify_real_package(tmp_path, monkeypatch):
     sparsify = pytest.importorskip("sparsify")
     if not hasattr(sparsify, "SparseCoder"):
         pytest.skip("the installed 'sparsify' is not EleutherAI's (eai-sparsify)")
+    import sparsify.sparse_coder as sc
+    import sparsify.utils as su
+
+    if not torch.cuda.is_available():  # its Triton decoder needs a GPU; use the library's eager one
+        monkeypatch.setattr(sc, "decoder_impl", su.eager_decode)
     torch.manual_seed(0)
     sae = sparsify.SparseCoder(D, sparsify.SparseCoderConfig(num_latents=F, k=K))
     with torch.no_grad():
