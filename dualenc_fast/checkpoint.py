@@ -387,7 +387,8 @@ NFM_SIDECAR = "dualenc_nfm.safetensors"
 
 
 def export_saelens(model, folder, *, model_name: Optional[str] = None, hook_name: Optional[str] = None,
-                   hook_layer: Optional[int] = None, context_size: int = 50, dataset_path: str = "") -> Path:
+                   hook_layer: Optional[int] = None, context_size: int = 50, dataset_path: str = "",
+                   feature_density: Optional[torch.Tensor] = None) -> Path:
     """Write a TopK SAE (or a joint model's primary SAE) in the SAELens layout:
     ``W_enc [d, F]``, ``b_enc [F]``, ``W_dec [F, d]``, ``b_dec [d]`` in
     ``sae_weights.safetensors`` plus ``cfg.json``. Input normalisation is folded in.
@@ -396,6 +397,9 @@ def export_saelens(model, folder, *, model_name: Optional[str] = None, hook_name
     an output-only decoder bias is folded into ``b_enc`` (exact). For a joint model
     the NFM, which SAELens cannot represent, goes to ``dualenc_nfm.safetensors``
     (reference names) and the SAELens files hold the SAE part only.
+    ``feature_density`` (``[F]``, the fraction of tokens each latent fired on, e.g.
+    from :func:`dualenc_fast.sae_metrics.standard_metrics`) also writes SAELens's
+    ``sparsity.safetensors`` (``{"sparsity": log10(density + 1e-10)}``).
     """
     from .modules import JointSAENFM, TopKSparseAutoencoder
 
@@ -448,6 +452,12 @@ def export_saelens(model, folder, *, model_name: Optional[str] = None, hook_name
         "metadata": {"exported_by": "dualenc_fast", "has_nfm_sidecar": nfm is not None},
     }
     atomic_save_tensors(folder / SAELENS_WEIGHTS, tensors)
+    if feature_density is not None:
+        from .sae_metrics import SPARSITY_FILENAME, log_feature_density
+
+        if tuple(feature_density.shape) != (sae.hidden_dim,):
+            raise ValueError(f"feature_density must have shape ({sae.hidden_dim},), got {tuple(feature_density.shape)}")
+        atomic_save_tensors(folder / SPARSITY_FILENAME, {"sparsity": log_feature_density(feature_density)})
     if nfm is not None:
         atomic_save_tensors(folder / NFM_SIDECAR, nfm.state_dict())
         cfg["dualenc_nfm"] = nfm.config()
