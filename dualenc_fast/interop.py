@@ -83,14 +83,25 @@ def load_torch_weights(path) -> Any:
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = str(exc)
+        if "Weights only load failed" not in text and "Unsupported global" not in text:
+            raise ValueError(f"{path} is not a readable torch file ({_first_line(text)})") from exc
+        reason = next((ln.strip() for ln in text.splitlines() if "Unsupported" in ln or "WeightsUnpickler error" in ln),
+                      "it names objects other than tensors and plain containers")
         raise ValueError(
             f"{path}: refusing to unpickle it: it holds more than tensors and plain containers "
-            f"(torch.load weights_only=True said: {first}). Re-save it as a plain state dict "
+            f"({_first_line(reason).split('. ')[0]}). Re-save it as a plain state dict "
             f"(torch.save(model.state_dict(), path)) or as safetensors."
         ) from exc
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise ValueError(f"{path} is not a readable torch file ({type(exc).__name__}: {exc})") from exc
+    except Exception as exc:  # truncated / not a torch file: torch raises RuntimeError, EOFError, KeyError, ...
+        raise ValueError(f"{path} is not a readable torch file ({type(exc).__name__}: {_first_line(str(exc))})") from exc
+
+
+def _first_line(text: str, limit: int = 200) -> str:
+    import re
+
+    line = re.sub(r"\x1b\[[0-9;]*m", "", text.strip()).split("\n")[0].strip()
+    return line if len(line) <= limit else line[:limit] + "..."
 
 
 def _as_float(t: torch.Tensor, name: str, shape: tuple, where) -> torch.Tensor:

@@ -306,9 +306,6 @@ def test_research_pt_sequential_sae_plus_nfm(tmp_path):
     torch.testing.assert_close(_recon(model, _x()), _ref_out(joint, _x()), rtol=1e-5, atol=1e-5)
 
 
-_MARK = {}
-
-
 def _side_effect(path):  # what a malicious pickle would run
     open(path, "w").write("ran")
     return {}
@@ -335,8 +332,11 @@ def test_pickle_with_code_is_refused(tmp_path):
     with pytest.raises(ValueError, match="refusing to unpickle"):
         interop.import_research_pt(tmp_path / "ns.pt", k=K)
     (tmp_path / "trunc.pt").write_bytes((tmp_path / "ns.pt").read_bytes()[:100])
-    with pytest.raises(ValueError, match="trunc.pt"):
+    with pytest.raises(ValueError, match="trunc.pt is not a readable torch file"):
         interop.import_research_pt(tmp_path / "trunc.pt", k=K)
+    (tmp_path / "junk.pt").write_bytes(b"\x80\x04junkjunk")
+    with pytest.raises(ValueError, match="junk.pt is not a readable torch file"):
+        interop.import_dictionary_learning(tmp_path / "junk.pt", k=K)
 
 
 # --------------------------------------------------------------------------- CLI
