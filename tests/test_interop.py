@@ -179,11 +179,13 @@ def test_saelens_refusals(tmp_path):
         interop.import_saelens(tmp_path / "n")
 
 
-def test_saelens_real_package(tmp_path):
-    sae_lens = pytest.importorskip("sae_lens")
+@pytest.mark.parametrize("apply_b_dec_to_input,rescale", [(True, False), (False, True)])
+def test_saelens_real_package(tmp_path, apply_b_dec_to_input, rescale):
+    pytest.importorskip("sae_lens")
     from sae_lens import TopKSAE, TopKSAEConfig
 
-    sae = TopKSAE(TopKSAEConfig(d_in=D, d_sae=F, k=K))
+    sae = TopKSAE(TopKSAEConfig(d_in=D, d_sae=F, k=K, apply_b_dec_to_input=apply_b_dec_to_input,
+                                rescale_acts_by_decoder_norm=rescale))
     with torch.no_grad():
         for p in sae.parameters():
             p.normal_(std=0.3)
@@ -193,7 +195,25 @@ def test_saelens_real_package(tmp_path):
     with torch.no_grad():
         ref = sae(x)
     torch.testing.assert_close(_recon(model, x), ref, rtol=1e-5, atol=1e-5)
-    assert sae_lens is not None
+
+
+def test_saelens_real_package_loads_our_export(tmp_path):
+    pytest.importorskip("sae_lens")
+    from sae_lens import TopKSAE
+
+    from dualenc_fast.checkpoint import export_saelens
+    from dualenc_fast.modules import TopKSparseAutoencoder
+
+    torch.manual_seed(5)
+    ours = TopKSparseAutoencoder(D, F, K, backend="reference", pre_bias=True)
+    with torch.no_grad():
+        ours.b_dec.normal_()
+    export_saelens(ours, tmp_path / "sl")
+    sae = TopKSAE.load_from_disk(str(tmp_path / "sl"))
+    x = _x()
+    with torch.no_grad():
+        ref = sae(x)
+    torch.testing.assert_close(ref, _recon(ours, x), rtol=1e-5, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- dictionary_learning
