@@ -113,7 +113,12 @@ def run(args) -> int:
     print(json.dumps({"kind": config.kind, "steps": result.summary["steps"], "val_mse": val["mse"],
                       "val_fvu": val["fvu"], "l0": val["l0"], "out": str(args.out)}))
     if args.export_saelens:
+        from dualenc_fast.eval.sae_metrics import standard_metrics
+
+        val_x = store.tensor("val", val_fraction=config.val_fraction, max_rows=config.val_rows)
+        density = standard_metrics(result.model, val_x)[1] if val_x.shape[0] else None
         export_saelens(result.model, args.export_saelens, model_name=store.manifest.get("model"),
-                       hook_layer=store.manifest.get("layer"), context_size=store.manifest.get("window", 50))
+                       hook_layer=store.manifest.get("layer"), context_size=store.manifest.get("window", 50),
+                       feature_density=density)
         print(f"exported SAELens folder {args.export_saelens}")
     return 0

@@ -400,7 +400,8 @@ NFM_SIDECAR = "dualenc_nfm.safetensors"
 
 
 def export_saelens(model, folder, *, model_name: Optional[str] = None, hook_name: Optional[str] = None,
-                   hook_layer: Optional[int] = None, context_size: int = 50, dataset_path: str = "") -> Path:
+                   hook_layer: Optional[int] = None, context_size: int = 50, dataset_path: str = "",
+                   feature_density: Optional[torch.Tensor] = None) -> Path:
     """Write a TopK SAE (or a joint model's primary SAE) in the SAELens layout:
     ``W_enc [d, F]``, ``b_enc [F]``, ``W_dec [F, d]``, ``b_dec [d]`` in
     ``sae_weights.safetensors`` plus ``cfg.json``. Input normalisation is folded in.
@@ -409,6 +410,9 @@ def export_saelens(model, folder, *, model_name: Optional[str] = None, hook_name
     an output-only decoder bias is folded into ``b_enc`` (exact). For a joint model
     the NFM, which SAELens cannot represent, goes to ``dualenc_nfm.safetensors``
     (reference names) and the SAELens files hold the SAE part only.
+    ``feature_density`` (``[F]``, the fraction of tokens each latent fired on, e.g.
+    from :func:`dualenc_fast.sae_metrics.standard_metrics`) also writes SAELens's
+    ``sparsity.safetensors`` (``{"sparsity": log10(density + 1e-10)}``).
     """
     from ..nn.modules import JointSAENFM, TopKSparseAutoencoder
 
@@ -461,6 +465,12 @@ def export_saelens(model, folder, *, model_name: Optional[str] = None, hook_name
         "metadata": {"exported_by": "dualenc_fast", "has_nfm_sidecar": nfm is not None},
     }
     atomic_save_tensors(folder / SAELENS_WEIGHTS, tensors)
+    if feature_density is not None:
+        from ..eval.sae_metrics import SPARSITY_FILENAME, log_feature_density
+
+        if tuple(feature_density.shape) != (sae.hidden_dim,):
+            raise ValueError(f"feature_density must have shape ({sae.hidden_dim},), got {tuple(feature_density.shape)}")
+        atomic_save_tensors(folder / SPARSITY_FILENAME, {"sparsity": log_feature_density(feature_density)})
     if nfm is not None:
         atomic_save_tensors(folder / NFM_SIDECAR, nfm.state_dict())
         cfg["dualenc_nfm"] = nfm.config()
@@ -477,16 +487,30 @@ def import_saelens(folder, *, backend: str = "auto", device="cpu", with_nfm: boo
     if not (folder / SAELENS_CFG).exists() or not (folder / SAELENS_WEIGHTS).exists():
         raise FileNotFoundError(f"{folder} needs {SAELENS_CFG} and {SAELENS_WEIGHTS} (SAELens layout)")
     cfg = read_json(folder / SAELENS_CFG)
-    w = load_tensors(folder / SAELENS_WEIGHTS)
+    w = {key: t.float() for key, t in load_tensors(folder / SAELENS_WEIGHTS).items()}
     for key in ("W_enc", "b_enc", "W_dec"):
         if key not in w:
             raise ValueError(f"{folder / SAELENS_WEIGHTS} lacks {key}")
+    arch = cfg.get("architecture", "topk")
+    if arch != "topk":
+        raise ValueError(f"{folder / SAELENS_CFG}: architecture {arch!r} is not supported (only 'topk')")
     d, F = w["W_enc"].shape
+    if tuple(w["W_dec"].shape) != (F, d) or tuple(w["b_enc"].shape) != (F,):
+        raise ValueError(f"{folder / SAELENS_WEIGHTS}: W_dec {tuple(w['W_dec'].shape)} / b_enc "
+                         f"{tuple(w['b_enc'].shape)} do not match W_enc {(d, F)}")
     k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
     if k is None:
         raise ValueError(f"{folder / SAELENS_CFG} does not give k (cfg 'k' or activation_fn_kwargs.k): not a TopK SAE")
-    if cfg.get("normalize_activations", "none") not in ("none", None):
-        warnings.warn(f"SAELens normalize_activations={cfg['normalize_activations']!r} is not applied on import")
+    norm = cfg.get("normalize_activations", "none")
+    if norm in ("constant_norm_rescale", "layer_norm"):
+        raise ValueError(f"{folder / SAELENS_CFG}: normalize_activations={norm!r} rescales each token at run time; "
+                         "it has no dualenc_fast equivalent")
+    if norm not in ("none", None, "expected_average_only_in"):  # that one is the identity at inference
+        warnings.warn(f"SAELens normalize_activations={norm!r} is not applied on import")
+    if cfg.get("rescale_acts_by_decoder_norm"):
+        # TopK of (pre * n_i), decode (a / n_i) @ W_dec: fold n_i = ||W_dec[i]|| into the weights (exact)
+        n = w["W_dec"].norm(dim=1)
+        w["W_enc"], w["b_enc"], w["W_dec"] = w["W_enc"] * n, w["b_enc"] * n, w["W_dec"] / n.clamp_min(1e-30)[:, None]
     b_dec = w.get("b_dec", torch.zeros(d))
     apply_to_input = bool(cfg.get("apply_b_dec_to_input", True))
     nonzero_bias = bool(torch.any(b_dec != 0))

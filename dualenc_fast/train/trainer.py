@@ -214,7 +214,11 @@ def component_stats(out) -> dict:
 def evaluate(model, x: torch.Tensor, *, batch_size: int = 4096) -> dict:
     """Reconstruction metrics of ``model`` on ``x`` (eval mode): mse, fvu, l0,
     component magnitudes and shares, and for joint models the component ablation
-    (mse of sae only, sae + linear, sae + interaction)."""
+    (mse of sae only, sae + linear, sae + interaction), and the standard SAE metrics of
+    :mod:`dualenc_fast.sae_metrics` (explained variance, cossim, l2 ratio, dead and dense latents)."""
+    from ..eval.sae_metrics import SAEMetrics
+
+    std = SAEMetrics()
     was = model.training
     model.eval()
     n, d = x.shape
@@ -225,6 +229,7 @@ def evaluate(model, x: torch.Tensor, *, batch_size: int = 4096) -> dict:
     for i in range(0, n, batch_size):
         xb = x[i:i + batch_size].to(dev, non_blocking=True)
         out = model.forward_sparse(xb)
+        std.update(xb, out.recon, out.code)
         sums["se"] += float((out.recon - xb).pow(2).sum())
         sums["var"] += float((xb - mean).pow(2).sum())
         sums["l0"] += float((out.code.values != 0).sum())
@@ -244,6 +249,7 @@ def evaluate(model, x: torch.Tensor, *, batch_size: int = 4096) -> dict:
         "l0": sums["l0"] / n,
         "features_fired": int(fired.sum()),
     }
+    m.update({key: v for key, v in std.result().items() if key not in ("l0", "latents", "density_tokens")})
     a, b, c = sums["sae"] / (n * d), sums["lin"] / (n * d), sums["inter"] / (n * d)
     total = a + b + c
     m.update({
