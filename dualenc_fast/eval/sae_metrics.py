@@ -15,8 +15,8 @@ Over N tokens with inputs ``x`` and reconstructions ``x_hat`` (rows of ``[N, d]`
   **dead** latents never fire in the N tokens, **dense** latents fire on more
   than 10% of them (``DENSE_THRESHOLD``); SAELens stores
   ``log10(density + 1e-10)`` as ``sparsity.safetensors`` (written by
-  :func:`dualenc_fast.checkpoint.export_saelens` when given the density);
-- from the splice test (:func:`dualenc_fast.eval.splice_test`), with CE the
+  :func:`dualenc_fast.train.checkpoint.export_saelens` when given the density);
+- from the splice test (:func:`dualenc_fast.eval.metrics.splice_test`), with CE the
   next-token cross-entropy and KL the per-token ``KL(p_clean || p)``:
   ``ce_loss_score = (CE_zero - CE_sae) / (CE_zero - CE_clean)`` and
   ``kl_div_score = (KL_zero - KL_sae) / KL_zero``, "zero" being the language
