@@ -348,6 +348,26 @@ def test_patching_an_old_path_reaches_the_code_that_uses_it(monkeypatch):
     assert trainer.evaluate is not sentinel and T.evaluate is trainer.evaluate
 
 
+def test_patching_a_moved_helper_on_the_checkpoint_module(tmp_path, monkeypatch):
+    """The atomic writes moved to storage; a torn write faked through the checkpoint
+    module (as code written for the flat layout does) still reaches them."""
+    import torch
+
+    from dualenc_fast import checkpoint as C
+    from dualenc_fast import storage
+
+    def torn(tensors, path, metadata=None):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(C, "save_file", torn)
+    assert storage.save_file is torn
+    with pytest.raises(OSError, match="No space"):
+        C.atomic_save_tensors(tmp_path / "x.safetensors", {"a": torch.ones(2)})
+    monkeypatch.undo()
+    assert storage.save_file is C.save_file and storage.save_file is not torn
+    C.atomic_save_tensors(tmp_path / "x.safetensors", {"a": torch.ones(2)})
+
+
 def test_old_paths_work_in_a_fresh_interpreter():
     """The alias finder on its own, with nothing imported before."""
     import subprocess
@@ -365,6 +385,31 @@ def test_old_paths_work_in_a_fresh_interpreter():
     env = dict(__import__("os").environ, PYTHONPATH=str(ROOT.parent))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_model_folders_without_the_trainer(tmp_path):
+    """nn.serialize reads what Module.load needs (model, checkpoint and finished run
+    folders) without train/; train.checkpoint.load_model reads the rest too."""
+    import torch
+
+    from dualenc_fast.nn.modules import JointSAENFM, TopKSparseAutoencoder
+    from dualenc_fast.train import checkpoint as C
+
+    torch.manual_seed(0)
+    sae = TopKSparseAutoencoder(6, 12, 3, backend="reference")
+    x = torch.randn(5, 6)
+    sae.save(tmp_path / "run" / "model")
+    C.save_checkpoint(tmp_path / "run", 3, sae)
+    step = C.latest_checkpoint(tmp_path / "run")
+    for folder in (tmp_path / "run" / "model", tmp_path / "run", step):
+        back = TopKSparseAutoencoder.load(folder, backend="reference")
+        assert torch.equal(back(x)[1], sae(x)[1]), folder
+    with pytest.raises(ValueError, match="not a JointSAENFM"):
+        JointSAENFM.load(tmp_path / "run")
+    C.save_checkpoint(tmp_path / "training", 1, sae)  # a run still in training: no model/ yet
+    with pytest.raises(FileNotFoundError, match="train.checkpoint.load_model"):
+        TopKSparseAutoencoder.load(tmp_path / "training")
+    assert torch.equal(C.load_model(tmp_path / "training", backend="reference")(x)[1], sae(x)[1])
 
 
 if __name__ == "__main__":  # pragma: no cover
