@@ -64,7 +64,8 @@ def _layout_tables():
     except ImportError:
         return {}, {}, {}
     aliases = {**compat.relative_aliases(), **compat.ALIASES}
-    return aliases, {k: tuple(v) for k, v in compat.FACADES.items()}, dict(compat.ROOT_NAMES)
+    root_names = {**dict(compat.ROOT_NAMES), **{a: PKG for a in compat.ROOT_ATTRS}}
+    return aliases, {k: tuple(v) for k, v in compat.FACADES.items()}, root_names
 
 
 def import_graph(pkg_dir: Path = ROOT, tables=None) -> dict:
@@ -100,6 +101,8 @@ def import_graph(pkg_dir: Path = ROOT, tables=None) -> dict:
         b = canon(base)
         if b is None:
             return set()
+        if b in facades and attr in root_names and root_names[attr] == PKG:
+            return {PKG}  # ``from . import __version__`` in a moved module: the package root's
         if b in facades:
             for src in facades[b]:
                 if attr in defined.get(src, ()):
@@ -269,6 +272,25 @@ def test_cycle_finder_reports_a_cycle(tmp_path):
     assert cycles == [[f"{PKG}.a", f"{PKG}.sub.b", f"{PKG}.sub.c", f"{PKG}.a"]]
 
 
+def test_flat_layout_imports_in_moved_modules_resolve(tmp_path):
+    """Code written for the flat layout and merged into a moved module (relative
+    imports of old siblings, ``from . import __version__``) gets the edges of the
+    modules it reaches now, and no false cycle through a package facade."""
+    import shutil
+
+    pkg = tmp_path / PKG
+    shutil.copytree(ROOT, pkg, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    with open(pkg / "train" / "checkpoint.py", "a") as fh:
+        fh.write("\n\ndef _flat():\n    from . import __version__, ops\n    from .modules import build_model\n")
+    with open(pkg / "eval" / "metrics.py", "a") as fh:
+        fh.write("\n\ndef _flat():\n    from .checkpoint import load_tensors\n    from .integration import DEFAULT_STIMULI\n")
+    graph = import_graph(pkg)
+    assert {f"{PKG}", f"{PKG}.ops", f"{PKG}.nn.modules"} <= set(graph[f"{PKG}.train.checkpoint"])
+    assert f"{PKG}.train.trainer" not in graph[f"{PKG}.train.checkpoint"]
+    assert {f"{PKG}.train.checkpoint", f"{PKG}.analysis.integration"} <= set(graph[f"{PKG}.eval.metrics"])
+    assert not find_cycles(graph)
+
+
 # Every public name the flat layout exported, with where it lives now.
 OLD_TO_NEW = {
     "modules": "nn.modules",
@@ -381,6 +403,11 @@ def test_old_paths_work_in_a_fresh_interpreter():
             "assert m.__name__ == 'dualenc_fast.nn.modules'\n"
             "assert r.__spec__.name == 'dualenc_fast.eval.report'\n"
             "assert train.__module__ == 'dualenc_fast.train.trainer'\n"
+            "ns = {'__package__': 'dualenc_fast.train', '__name__': 'dualenc_fast.train._probe'}\n"
+            "exec('from . import __version__, ops\\nfrom .modules import build_model\\n"
+            "from .checkpoint import load_model\\nfrom .eval import splice_test', ns)\n"
+            "assert ns['ops'].__name__ == 'dualenc_fast.ops' and ns['__version__']\n"
+            "assert ns['build_model'].__module__ == 'dualenc_fast.nn.modules'\n"
             "print('ok')\n")
     env = dict(__import__("os").environ, PYTHONPATH=str(ROOT.parent))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
