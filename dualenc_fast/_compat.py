@@ -119,7 +119,7 @@ class _AliasLoader(importlib.abc.Loader):
 
 
 class AliasFinder(importlib.abc.MetaPathFinder):
-    """Finds the old names of :data:`ALIASES`."""
+    """Finds the old module names (:data:`ALIASES`, :func:`relative_aliases`)."""
 
     def find_spec(self, fullname, path=None, target=None):
         new = resolve(fullname)
@@ -162,7 +162,13 @@ class FacadeModule(types.ModuleType):
         old = relative_aliases().get(f"{self.__name__}.{name}")
         if old is not None and name != self.__name__.rpartition(".")[2]:  # ``from . import ops`` in a moved module
             return importlib.import_module(old)
-        if name.startswith("__") and name != "__all__":
+        if name == "__all__":  # ``from dualenc_fast.train import *`` as from the flat module
+            names = []
+            for src in self._facade_sources():
+                mod = importlib.import_module(src)
+                names += getattr(mod, "__all__", [n for n in mod.__dict__ if not n.startswith("_")])
+            return names
+        if name.startswith("__"):
             raise AttributeError(f"module {self.__name__!r} has no attribute {name!r}")
         for src in self._facade_sources():
             mod = importlib.import_module(src)

@@ -350,6 +350,9 @@ def test_old_module_paths_reach_the_new_modules(old):
         assert ns["got"] is getattr(new, name), (old, name)
         exec(f"from {PKG}.{OLD_TO_NEW[old]} import {name} as got", ns)
         assert ns["got"] is getattr(new, name), (old, name)
+    star: dict = {}
+    exec(f"from {PKG}.{old} import *", star)
+    assert set(getattr(new, "__all__", names)) <= set(star), old
     # private helpers used by code written against the flat layout
     for private in {"eval": ["_LayerSplice", "demo_hook", "iter_batches", "eval_mode", "model_device_dtype"],
                     "train": ["ckpt", "import_saelens", "export_saelens"],
