@@ -387,10 +387,13 @@ def train(
             raise NoGoodCheckpointError(
                 f"cannot resume {out_dir}: it holds {', '.join(progress_found)} but no checkpoint; "
                 "pass overwrite (--overwrite) to start again from step 0")
+        from .tracking import is_rank0
+
         for folder, reason in skipped:
-            moved = _set_aside(folder)
-            warnings.warn(ckpt.CheckpointWarning(f"skipping checkpoint {folder.name}: {reason} "
-                                                 f"(moved to {moved.name})"), stacklevel=2)
+            where = f" (moved to corrupt-{folder.name})" if is_rank0() else ""
+            if is_rank0():  # one process renames; the others only skip it
+                _set_aside(folder)
+            warnings.warn(ckpt.CheckpointWarning(f"skipping checkpoint {folder.name}: {reason}{where}"), stacklevel=2)
         if found is None:
             warnings.warn(ckpt.CheckpointWarning(f"nothing to resume in {out_dir}: starting a new run"), stacklevel=2)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -87,13 +87,16 @@ def corrupt(path: Path, fault: str) -> None:
         data = data[: len(data) // 2]
     elif fault == "truncate-empty":
         data = bytearray()
+    elif fault == "delete":
+        path.unlink()
+        return
     else:
         at = {"flip-first": 0, "flip-middle": len(data) // 2, "flip-last": len(data) - 1}[fault]
         data[at] ^= 0x04
     path.write_bytes(bytes(data))
 
 
-FAULTS = ["truncate-half", "truncate-empty", "flip-first", "flip-middle", "flip-last"]
+FAULTS = ["truncate-half", "truncate-empty", "flip-first", "flip-middle", "flip-last", "delete"]
 
 
 @pytest.mark.parametrize("fault", FAULTS)
