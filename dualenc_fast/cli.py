@@ -14,7 +14,8 @@ import importlib
 import sys
 import warnings
 
-COMMANDS = ("demo", "collect", "train", "eval", "analyze", "bench", "info")
+COMMANDS = ("demo", "collect", "train", "eval", "analyze", "import", "bench", "info")
+_MODULES = {"import": "import_"}  # command names that are Python keywords
 
 
 class _Parser(argparse.ArgumentParser):
@@ -32,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMANDS:
-        importlib.import_module(f"dualenc_fast.commands.{name}").register(sub)
+        importlib.import_module(f"dualenc_fast.commands.{_MODULES.get(name, name)}").register(sub)
     for p in sub.choices.values():  # every command takes --debug
         if "--debug" not in p._option_string_actions:
             p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -61,7 +62,7 @@ def error_line(exc: BaseException) -> str:
 @contextlib.contextmanager
 def _one_line_warnings(command: str):
     """Our own warnings (a skipped checkpoint, a new run started) as one stderr line each."""
-    from dualenc_fast.checkpoint import CheckpointWarning
+    from dualenc_fast.train.checkpoint import CheckpointWarning
 
     def show(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, CheckpointWarning):

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from dualenc_fast import checkpoint as C
 from dualenc_fast.cli import COMMANDS, build_parser, main
-from dualenc_fast.data import write_store
+from dualenc_fast.train.data import write_store
 
 from tinylm import TEXT, build_tiny_lm
 

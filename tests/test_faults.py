@@ -22,7 +22,7 @@ import torch
 
 from dualenc_fast import checkpoint as C
 from dualenc_fast.cli import main
-from dualenc_fast.data import write_store
+from dualenc_fast.train.data import write_store
 from dualenc_fast.errors import CheckpointError, CorruptFileError, DiskFullError
 from dualenc_fast.train import TrainConfig, read_metrics, train
 

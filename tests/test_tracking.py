@@ -14,7 +14,7 @@ import torch
 
 from dualenc_fast import tracking
 from dualenc_fast.cli import main
-from dualenc_fast.data import write_store
+from dualenc_fast.train.data import write_store
 from dualenc_fast.train import TrainConfig, read_metrics, train
 
 torch.set_num_threads(1)

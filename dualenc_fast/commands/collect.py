@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from dualenc_fast.commands import add_run_options, apply_threads
+from dualenc_fast.commands import add_run_options, apply_threads, resolve_device
 
 
 def register(sub):
@@ -32,7 +32,6 @@ def register(sub):
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float32",
                    help="storage dtype of the activations (default: float32)")
     p.add_argument("--shard-rows", type=int, default=100_000, help="rows per shard file (default: 100000)")
-    p.add_argument("--device", default="cpu", help="torch device for the LM (default: cpu)")
     add_run_options(p)
     p.set_defaults(func=run)
 
@@ -50,7 +49,7 @@ def parse_layer(text, n_layers: int) -> int:
 
 
 def load_texts(args):
-    from dualenc_fast.data import bundled_texts, read_text_files
+    from dualenc_fast.train.data import bundled_texts, read_text_files
 
     if args.text:
         return read_text_files(args.text), "files: " + ", ".join(args.text)
@@ -58,7 +57,7 @@ def load_texts(args):
 
 
 def run(args) -> int:
-    from dualenc_fast.data import collect_activations
+    from dualenc_fast.train.data import collect_activations
     from dualenc_fast.lm import decoder_layers, load_causal_lm
 
     apply_threads(args)
@@ -67,7 +66,8 @@ def run(args) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be positive")
     texts, source = load_texts(args)
     print(f"loading {args.model} ...", file=sys.stderr)
-    model, tok = load_causal_lm(args.model, device=args.device)
+    device = resolve_device(args)
+    model, tok = load_causal_lm(args.model, device=device)
     layer = parse_layer(args.layer, len(decoder_layers(model)))
     manifest = collect_activations(
         model, tok, layer, args.out, texts=texts, window=args.window, max_tokens=args.max_tokens,

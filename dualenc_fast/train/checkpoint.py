@@ -44,9 +44,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .errors import DISK_FULL_ERRNOS, CheckpointError, CorruptFileError, DiskFullError, NoGoodCheckpointError
+from ..errors import DISK_FULL_ERRNOS, CheckpointError, CorruptFileError, DiskFullError, NoGoodCheckpointError  # noqa: F401
+from ..nn.serialize import MODEL_FORMAT, load_verified_weights, save_model  # noqa: F401  (model folders live in nn/)
+from ..storage import (_atomic_write, _fsync_dir, _prepare, atomic_save_tensors, atomic_write_bytes,  # noqa: F401
+                       atomic_write_json, atomic_write_text, file_record, file_sha256, load_tensors, read_json,
+                       verify_file)
 
-MODEL_FORMAT = "dualenc_fast.model"
 CHECKPOINT_FORMAT = "dualenc_fast.checkpoint"
 FORMAT_VERSION = 1
 CHECKPOINT_MANIFEST = "checkpoint.json"
@@ -56,147 +59,6 @@ CHECKPOINT_FILES = ("model.safetensors", "model.json", "state.safetensors", "sta
 
 class CheckpointWarning(UserWarning):
     """A checkpoint was skipped (incomplete or corrupt) while looking for one to resume from."""
-
-
-# --------------------------------------------------------------------------- atomic files
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(str(folder), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path, writer) -> Path:
-    """Call ``writer(tmp_path)``, fsync the result, then ``os.replace`` it onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    os.close(fd)
-    try:
-        writer(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if _is_disk_full(exc):
-            raise DiskFullError(path) from exc
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def _is_disk_full(exc: BaseException) -> bool:
-    """ENOSPC/EDQUOT, as an OSError or inside another library's error (safetensors reports
-    ``I/O error: No space left on device (os error 28)`` as a SafetensorError)."""
-    if isinstance(exc, DiskFullError):
-        return False
-    if isinstance(exc, OSError):
-        return exc.errno in DISK_FULL_ERRNOS
-    text = str(exc)
-    return any(f"(os error {n})" in text for n in DISK_FULL_ERRNOS) or "No space left on device" in text
-
-
-def file_sha256(path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while True:
-            block = fh.read(chunk)
-            if not block:
-                break
-            h.update(block)
-    return h.hexdigest()
-
-
-def file_record(path) -> dict:
-    """``{"sha256", "bytes"}`` of a file, as stored in checkpoint and model JSON."""
-    return {"sha256": file_sha256(path), "bytes": os.path.getsize(path)}
-
-
-def verify_file(path, record: dict, error=CorruptFileError) -> None:
-    """Raise ``error`` naming ``path`` unless it exists with the size and sha256 in ``record``."""
-    path = Path(path)
-    if not path.is_file():
-        raise error(f"{path} is missing")
-    if not isinstance(record, dict) or not isinstance(record.get("sha256"), str):
-        raise error(f"no content hash recorded for {path}")
-    size = os.path.getsize(path)
-    if "bytes" in record and size != record["bytes"]:
-        raise error(f"{path} is corrupt: {size} bytes, {record['bytes']} expected (truncated or overwritten)")
-    digest = file_sha256(path)
-    if digest != record["sha256"]:
-        raise error(f"{path} is corrupt: its sha256 is {digest[:12]}..., {record['sha256'][:12]}... expected")
-
-
-def atomic_write_bytes(path, data: bytes) -> Path:
-    def writer(tmp):
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-
-    return _atomic_write(path, writer)
-
-
-def atomic_write_text(path, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path, obj) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-def _prepare(tensors: dict) -> dict:
-    out = {}
-    for key, t in tensors.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{key}: expected a tensor, got {type(t).__name__}")
-        out[key] = t.detach().to("cpu").contiguous()
-    return out
-
-
-def atomic_save_tensors(path, tensors: dict, metadata: Optional[dict] = None) -> Path:
-    """Write ``tensors`` as one safetensors file, atomically."""
-    tensors = _prepare(tensors)
-    meta = {k: str(v) for k, v in (metadata or {}).items()}
-    return _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
-
-
-def load_tensors(path, device="cpu") -> dict:
-    """The tensors of a safetensors file; a file that is not one (truncated, damaged header)
-    raises :class:`CorruptFileError` naming it."""
-    try:
-        return load_file(str(path), device=str(device))
-    except OSError as exc:
-        if exc.errno is not None:  # missing, unreadable, I/O error: not a format problem
-            raise
-        raise CorruptFileError(f"{path} is not a readable safetensors file ({_one_line(exc)})") from exc
-    except Exception as exc:  # safetensors' own SafetensorError: truncated or damaged header/data
-        raise CorruptFileError(f"{path} is not a readable safetensors file ({_one_line(exc)})") from exc
-
-
-def read_json(path) -> Any:
-    """Parse a JSON file; one that does not parse raises :class:`CorruptFileError` naming it."""
-    try:
-        with open(path, "r", encoding="utf-8") as fh:
-            return json.load(fh)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptFileError(f"{path} is not valid JSON ({_one_line(exc)})") from exc
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 # --------------------------------------------------------------------------- nested state <-> (JSON, tensors)
@@ -295,48 +157,10 @@ def set_rng_state(state: dict) -> None:
 # --------------------------------------------------------------------------- models
 
 
-def save_model(model, path, *, extra: Optional[dict] = None) -> Path:
-    """Write ``path/config.json`` + ``path/model.safetensors`` (reference names;
-    input normalisation folded into the weights)."""
-    from . import __version__
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    scale = 1.0
-    if getattr(model, "normalizes_input", False):
-        scale = float(getattr(model, "primary_sae", model).input_scale)
-    folded = model.folded()
-    config = {
-        "format": MODEL_FORMAT,
-        "format_version": FORMAT_VERSION,
-        "dualenc_fast_version": __version__,
-        **folded.config(),
-        "folded_input_scale": scale,
-    }
-    if extra:
-        config["extra"] = extra
-    atomic_save_tensors(path / "model.safetensors", folded.state_dict(), metadata={"format": MODEL_FORMAT})
-    config["files"] = {"model.safetensors": file_record(path / "model.safetensors")}
-    atomic_write_json(path / "config.json", config)
-    return path
-
-
-def _load_verified_weights(folder: Path, config: dict) -> dict:
-    """``folder/model.safetensors``, checked against the hash ``config.json`` records
-    (folders written before hashes were recorded are read unchecked)."""
-    weights = folder / "model.safetensors"
-    if not weights.exists():
-        raise FileNotFoundError(f"{folder} has a config.json but no model.safetensors")
-    record = (config.get("files") or {}).get("model.safetensors")
-    if record is not None:
-        verify_file(weights, record)
-    return load_tensors(weights)
-
-
 def load_model(path, *, backend: str = "auto", device="cpu"):
     """Load a module from a model folder written by ``save()``, a training run folder
     (its ``model/``), a checkpoint folder, or a SAELens folder. Never unpickles."""
-    from .modules import build_model
+    from ..nn.modules import build_model
 
     path = Path(path)
     if path.is_file() and path.suffix == ".safetensors":
@@ -366,7 +190,7 @@ def load_model(path, *, backend: str = "auto", device="cpu"):
         fmt = config.get("format") if isinstance(config, dict) else None
         raise CorruptFileError(f"{path / 'config.json'} is not a dualenc_fast model config (format={fmt!r})")
     model = build_model(config, backend=backend)
-    model.load_state_dict(_load_verified_weights(path, config))
+    model.load_state_dict(load_verified_weights(path, config))
     return model.to(device)
 
 
@@ -576,7 +400,8 @@ NFM_SIDECAR = "dualenc_nfm.safetensors"
 
 
 def export_saelens(model, folder, *, model_name: Optional[str] = None, hook_name: Optional[str] = None,
-                   hook_layer: Optional[int] = None, context_size: int = 50, dataset_path: str = "") -> Path:
+                   hook_layer: Optional[int] = None, context_size: int = 50, dataset_path: str = "",
+                   feature_density: Optional[torch.Tensor] = None) -> Path:
     """Write a TopK SAE (or a joint model's primary SAE) in the SAELens layout:
     ``W_enc [d, F]``, ``b_enc [F]``, ``W_dec [F, d]``, ``b_dec [d]`` in
     ``sae_weights.safetensors`` plus ``cfg.json``. Input normalisation is folded in.
@@ -585,8 +410,11 @@ def export_saelens(model, folder, *, model_name: Optional[str] = None, hook_name
     an output-only decoder bias is folded into ``b_enc`` (exact). For a joint model
     the NFM, which SAELens cannot represent, goes to ``dualenc_nfm.safetensors``
     (reference names) and the SAELens files hold the SAE part only.
+    ``feature_density`` (``[F]``, the fraction of tokens each latent fired on, e.g.
+    from :func:`dualenc_fast.sae_metrics.standard_metrics`) also writes SAELens's
+    ``sparsity.safetensors`` (``{"sparsity": log10(density + 1e-10)}``).
     """
-    from .modules import JointSAENFM, TopKSparseAutoencoder
+    from ..nn.modules import JointSAENFM, TopKSparseAutoencoder
 
     model = model.folded()
     nfm = None
@@ -637,6 +465,12 @@ def export_saelens(model, folder, *, model_name: Optional[str] = None, hook_name
         "metadata": {"exported_by": "dualenc_fast", "has_nfm_sidecar": nfm is not None},
     }
     atomic_save_tensors(folder / SAELENS_WEIGHTS, tensors)
+    if feature_density is not None:
+        from ..eval.sae_metrics import SPARSITY_FILENAME, log_feature_density
+
+        if tuple(feature_density.shape) != (sae.hidden_dim,):
+            raise ValueError(f"feature_density must have shape ({sae.hidden_dim},), got {tuple(feature_density.shape)}")
+        atomic_save_tensors(folder / SPARSITY_FILENAME, {"sparsity": log_feature_density(feature_density)})
     if nfm is not None:
         atomic_save_tensors(folder / NFM_SIDECAR, nfm.state_dict())
         cfg["dualenc_nfm"] = nfm.config()
@@ -647,22 +481,36 @@ def export_saelens(model, folder, *, model_name: Optional[str] = None, hook_name
 def import_saelens(folder, *, backend: str = "auto", device="cpu", with_nfm: bool = True):
     """Read a SAELens TopK SAE folder into a :class:`TopKSparseAutoencoder` (or a
     :class:`JointSAENFM` when a ``dualenc_nfm.safetensors`` sidecar is present)."""
-    from .modules import JointSAENFM, TopKSparseAutoencoder
+    from ..nn.modules import JointSAENFM, TopKSparseAutoencoder
 
     folder = Path(folder)
     if not (folder / SAELENS_CFG).exists() or not (folder / SAELENS_WEIGHTS).exists():
         raise FileNotFoundError(f"{folder} needs {SAELENS_CFG} and {SAELENS_WEIGHTS} (SAELens layout)")
     cfg = read_json(folder / SAELENS_CFG)
-    w = load_tensors(folder / SAELENS_WEIGHTS)
+    w = {key: t.float() for key, t in load_tensors(folder / SAELENS_WEIGHTS).items()}
     for key in ("W_enc", "b_enc", "W_dec"):
         if key not in w:
             raise ValueError(f"{folder / SAELENS_WEIGHTS} lacks {key}")
+    arch = cfg.get("architecture", "topk")
+    if arch != "topk":
+        raise ValueError(f"{folder / SAELENS_CFG}: architecture {arch!r} is not supported (only 'topk')")
     d, F = w["W_enc"].shape
+    if tuple(w["W_dec"].shape) != (F, d) or tuple(w["b_enc"].shape) != (F,):
+        raise ValueError(f"{folder / SAELENS_WEIGHTS}: W_dec {tuple(w['W_dec'].shape)} / b_enc "
+                         f"{tuple(w['b_enc'].shape)} do not match W_enc {(d, F)}")
     k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
     if k is None:
         raise ValueError(f"{folder / SAELENS_CFG} does not give k (cfg 'k' or activation_fn_kwargs.k): not a TopK SAE")
-    if cfg.get("normalize_activations", "none") not in ("none", None):
-        warnings.warn(f"SAELens normalize_activations={cfg['normalize_activations']!r} is not applied on import")
+    norm = cfg.get("normalize_activations", "none")
+    if norm in ("constant_norm_rescale", "layer_norm"):
+        raise ValueError(f"{folder / SAELENS_CFG}: normalize_activations={norm!r} rescales each token at run time; "
+                         "it has no dualenc_fast equivalent")
+    if norm not in ("none", None, "expected_average_only_in"):  # that one is the identity at inference
+        warnings.warn(f"SAELens normalize_activations={norm!r} is not applied on import")
+    if cfg.get("rescale_acts_by_decoder_norm"):
+        # TopK of (pre * n_i), decode (a / n_i) @ W_dec: fold n_i = ||W_dec[i]|| into the weights (exact)
+        n = w["W_dec"].norm(dim=1)
+        w["W_enc"], w["b_enc"], w["W_dec"] = w["W_enc"] * n, w["b_enc"] * n, w["W_dec"] / n.clamp_min(1e-30)[:, None]
     b_dec = w.get("b_dec", torch.zeros(d))
     apply_to_input = bool(cfg.get("apply_b_dec_to_input", True))
     nonzero_bias = bool(torch.any(b_dec != 0))
