@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dualenc_fast import checkpoint as C
+from dualenc_fast import storage as S
 from dualenc_fast.cli import COMMANDS, build_parser, main
 from dualenc_fast.train.data import write_store
 
@@ -175,7 +175,7 @@ def test_disk_full_is_one_line(paths, capsys, monkeypatch, command):
     def full(*a, **k):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(C, "save_file", full)
+    monkeypatch.setattr(S, "save_file", full)
     argv = _train(paths, paths["acts"], "full_run") if command == "train" else _collect(paths)
     assert main(argv) == 2
     line = _error_line(capsys, command)

@@ -379,7 +379,7 @@ def _prepare_run_dir(config: TrainConfig, store: ActivationStore, out_dir: Path,
             raise NoGoodCheckpointError(
                 f"cannot resume {out_dir}: it holds {', '.join(progress_found)} but no checkpoint; "
                 "pass overwrite (--overwrite) to start again from step 0")
-        from .tracking import is_rank0
+        from ..tracking import is_rank0
 
         for folder, reason in skipped:
             where = f" (moved to corrupt-{folder.name})" if is_rank0() else ""
