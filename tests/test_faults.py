@@ -150,6 +150,30 @@ def test_stale_or_corrupt_latest_pointer_is_harmless(runs, tmp_path, capsys):
     assert_same_run(run, ref)
 
 
+def test_damaged_metrics_file(runs, tmp_path, capsys):
+    """A torn last line (a crash mid-write) is dropped quietly; a damaged line before it
+    is dropped with a warning naming it; every other row survives the resume."""
+    root, acts, ref, cut = runs
+    run = tmp_path / "run"
+    shutil.copytree(cut, run)
+    metrics = run / "metrics.jsonl"
+    with open(metrics, "a", encoding="utf-8") as fh:
+        fh.write('{"step": 7, "loss": 0.')
+    capsys.readouterr()
+    assert train_cli(acts, run, "--resume") == 0
+    assert stderr_lines(capsys) == []
+    assert_same_run(run, ref)
+    run2 = tmp_path / "run2"
+    shutil.copytree(cut, run2)
+    lines = (run2 / "metrics.jsonl").read_bytes().split(b"\n")
+    lines[1] = b"\xff" + lines[1][1:]  # not JSON any more
+    (run2 / "metrics.jsonl").write_bytes(b"\n".join(lines))
+    assert train_cli(acts, run2, "--resume") == 0
+    err = stderr_lines(capsys)
+    assert len(err) == 1 and "metrics.jsonl line 2 is unreadable: dropped" in err[0]
+    assert curve(run2) == curve(ref)[:1] + curve(ref)[2:]
+
+
 def test_load_checkpoint_and_load_model_verify(runs, tmp_path):
     root, acts, ref, cut = runs
     run = tmp_path / "run"

@@ -279,14 +279,18 @@ class _MetricsLog:
         if not self.path.exists():
             return
         keep = []
-        with open(self.path, encoding="utf-8") as fh:
-            for line in fh:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    break  # a torn last line
-                if row.get("step", 0) <= step and not row.get("final"):
-                    keep.append(line if line.endswith("\n") else line + "\n")
+        with open(self.path, encoding="utf-8", errors="replace") as fh:
+            lines = [line for line in fh if line.strip()]
+        for i, line in enumerate(lines):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                if i < len(lines) - 1:  # a torn last line is what a crash leaves; anything else is damage
+                    warnings.warn(ckpt.CheckpointWarning(f"{self.path} line {i + 1} is unreadable: dropped"),
+                                  stacklevel=3)
+                continue
+            if isinstance(row, dict) and row.get("step", 0) <= step and not row.get("final"):
+                keep.append(line if line.endswith("\n") else line + "\n")
         ckpt.atomic_write_text(self.path, "".join(keep))
 
     def write(self, row: dict) -> None:
