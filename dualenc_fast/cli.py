@@ -14,7 +14,7 @@ import importlib
 import sys
 import warnings
 
-COMMANDS = ("demo", "collect", "train", "eval", "analyze", "import", "bench", "info")
+COMMANDS = ("demo", "reproduce", "collect", "train", "eval", "analyze", "import", "bench", "info")
 _MODULES = {"import": "import_"}  # command names that are Python keywords
 
 

@@ -32,6 +32,9 @@ def register(sub):
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float32",
                    help="storage dtype of the activations (default: float32)")
     p.add_argument("--shard-rows", type=int, default=100_000, help="rows per shard file (default: 100000)")
+    p.add_argument("--standardize", action="store_true",
+                   help="also store per-dimension mean/std of a 10k-row training sample (standardize.safetensors) "
+                        "for `dualenc train --standardize`; the activations stay raw")
     add_run_options(p)
     p.set_defaults(func=run)
 
@@ -74,6 +77,12 @@ def run(args) -> int:
         batch_size=args.batch_size, dtype=args.dtype, shard_rows=args.shard_rows, skip_first=args.skip_first,
         model_name=args.model, source=source, progress=not args.no_progress,
     )
+    if args.standardize:
+        from dualenc_fast.data import ActivationStore, standardization_stats
+
+        st = standardization_stats(ActivationStore(args.out))
+        print(f"standardisation statistics of {st['rows']} rows: mean |mu| {float(st['mean'].abs().mean()):.4g}, "
+              f"mean sigma {float(st['std'].mean()):.4g}, median row norm {st['median_norm']:.4g}", file=sys.stderr)
     print(f"wrote {manifest['count']} activations (d={manifest['d']}, layer {layer} of {manifest['num_layers']}) "
           f"in {len(manifest['shards'])} shard(s) to {args.out}")
     return 0

@@ -17,8 +17,8 @@ def register(sub):
                     "config.json, metrics.jsonl, checkpoints/, model/ and summary.json to --out.",
     )
     p.add_argument("--activations", required=True, help="activation folder (from `dualenc collect`)")
-    p.add_argument("--kind", choices=("sae", "sae_bias", "sequential", "joint"), default="joint",
-                   help="what to train (default: joint)")
+    p.add_argument("--kind", choices=("sae", "sae_bias", "sequential", "joint", "joint_linear"), default="joint",
+                   help="what to train (default: joint); joint_linear = joint without the interaction path")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--features", type=int, default=4096, help="SAE features F (default: 4096)")
     p.add_argument("--k", type=int, default=32, help="active features per row (default: 32)")
@@ -51,6 +51,16 @@ def register(sub):
                    help="a feature unfired for this many tokens counts as dead (default: 200000)")
     p.add_argument("--normalize-input", action="store_true",
                    help="scale inputs to unit mean squared norm (folded into the saved weights)")
+    p.add_argument("--standardize", action="store_true",
+                   help="train on per-dimension z-scores (mean/std of a 10k-row training sample, as the paper's "
+                        "scripts do); the saved model/ takes raw activations (folded), model_standardized/ as trained")
+    p.add_argument("--adam-eps", type=float, default=1e-8, help="Adam epsilon (default: 1e-8, torch's; the paper's "
+                   "scripts use 1e-5)")
+    p.add_argument("--outliers", choices=("keep", "drop", "clip"), default="keep",
+                   help="rows whose norm exceeds --outlier-multiple x the median row norm: keep (default), drop "
+                        "them, or clip them to that norm; the rows touched are counted in summary.json")
+    p.add_argument("--outlier-multiple", type=float, default=10.0, help="outlier threshold as a multiple of the "
+                   "median row norm (default: 10)")
     p.add_argument("--export-saelens", default=None, metavar="DIR", help="also export the SAE in SAELens layout to DIR")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="fp32, or bf16 autocast of the products and ops with float32 weights and Adam state "
@@ -81,6 +91,8 @@ def config_from_args(args):
         unit_norm_decoder=args.unit_norm_decoder, aux_k=args.aux_k, aux_coef=args.aux_coef,
         dead_after_tokens=args.dead_after_tokens, normalize_input=args.normalize_input, init_sae=args.init_sae,
         precision=args.precision, log_every=args.log_every,
+        adam_eps=args.adam_eps, standardize=args.standardize, outliers=args.outliers,
+        outlier_multiple=args.outlier_multiple,
     )
 
 
@@ -104,14 +116,18 @@ def run(args) -> int:
                          f"({torch.distributed.get_backend()}), global batch {config.batch_size}")
         store = ActivationStore(args.activations)
         result = train(config, store, args.out, resume=args.resume, overwrite=args.overwrite,
-                       progress=not args.no_progress, device=device, wandb_project=args.wandb)
+                       progress=not args.no_progress, device=device, wandb_project=args.wandb,
+                       progress_every=args.progress_every)
     finally:
         dist_.shutdown()
     if dist_.rank_from_env() != 0:
         return 0
     val = result.summary["val"]
-    print(json.dumps({"kind": config.kind, "steps": result.summary["steps"], "val_mse": val["mse"],
-                      "val_fvu": val["fvu"], "l0": val["l0"], "out": str(args.out)}))
+    line = {"kind": config.kind, "steps": result.summary["steps"], "val_mse": val["mse"],
+            "val_fvu": val["fvu"], "l0": val["l0"], "out": str(args.out)}
+    if "outliers" in result.summary:
+        line["outlier_rows_touched"] = result.summary["outliers"]["train_rows_touched"]
+    print(json.dumps(line))
     if args.export_saelens:
         from dualenc_fast.eval.sae_metrics import standard_metrics
 

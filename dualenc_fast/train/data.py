@@ -218,9 +218,8 @@ def collect_activations(
     and store the output of decoder layer ``layer`` as sharded safetensors + a
     manifest in ``out_dir``. ``skip_first`` drops the first positions of each
     window (0 = keep all, as the paper). Returns the manifest."""
-    from tqdm.auto import tqdm
-
     from ..lm import decoder_layers, layer_output
+    from ..progress import Progress
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -262,8 +261,8 @@ def collect_activations(
     model.eval()
     d = None
     try:
-        bar = tqdm(total=windows.shape[0] * (window - skip_first), unit="tok", desc=f"collect layer {layer}",
-                   disable=not progress)
+        bar = Progress(windows.shape[0] * (window - skip_first), f"collect layer {layer}", unit="tok",
+                       enabled=progress)
         with torch.no_grad():
             for start in range(0, windows.shape[0], batch_size):
                 ids = windows[start:start + batch_size]
@@ -612,3 +611,62 @@ class BatchPrefetcher:
         except queue.Empty:
             pass
         self._thread.join(timeout=5)
+
+
+# --------------------------------------------------------------------------- standardisation and outliers
+
+STANDARDIZE_FILE = "standardize.safetensors"
+STANDARDIZE_ROWS = 10_000
+OUTLIER_MODES = ("keep", "drop", "clip")
+
+
+def standardization_stats(store: "ActivationStore", rows: int = STANDARDIZE_ROWS, *, val_fraction: float = 0.1,
+                          write: bool = True, min_std: float = 1e-6) -> dict:
+    """Per-dimension mean and standard deviation of ``rows`` training rows (a fixed
+    sample, seed 0, so every run on one folder uses the same statistics), and the
+    median row norm (for :func:`outlier_filter`).
+
+    Cached in ``STANDARDIZE_FILE`` in the activation folder (``write``); a cached
+    file for a different row count or split is recomputed. Returns
+    ``{"mean": [d], "std": [d], "median_norm": float, "rows": int}``."""
+    if rows <= 0:
+        raise ValueError(f"rows must be positive, got {rows}")
+    path = store.folder / STANDARDIZE_FILE
+    if path.exists():
+        t = load_tensors(path)
+        if int(t["rows"]) == rows and abs(float(t["val_fraction"]) - val_fraction) < 1e-12:
+            return {"mean": t["mean"], "std": t["std"], "median_norm": float(t["median_norm"]), "rows": rows}
+    x = store.sample(rows, seed=0, split="train", val_fraction=val_fraction).double()
+    if x.shape[0] < 2:
+        raise ValueError(f"{store.folder}: need at least 2 training rows to standardise")
+    mean = x.mean(0)
+    std = x.std(0).clamp_min(min_std)
+    out = {"mean": mean.float(), "std": std.float(), "median_norm": float(x.norm(dim=1).median()),
+           "rows": int(x.shape[0])}
+    if write:
+        try:
+            atomic_save_tensors(path, {"mean": out["mean"], "std": out["std"],
+                                       "median_norm": torch.tensor(out["median_norm"], dtype=torch.float64),
+                                       "rows": torch.tensor(rows), "val_fraction": torch.tensor(val_fraction,
+                                                                                                dtype=torch.float64)})
+        except OSError:  # a read-only activation folder: use the statistics without caching them
+            pass
+    return out
+
+
+def outlier_filter(x: torch.Tensor, mode: str, threshold: float):
+    """Rows of ``x`` whose norm exceeds ``threshold``: ``"keep"`` them, ``"drop"`` them,
+    or ``"clip"`` them (rescale to norm ``threshold``). Returns ``(x', rows_touched)``."""
+    if mode not in OUTLIER_MODES:
+        raise ValueError(f"outliers must be one of {OUTLIER_MODES}, got {mode!r}")
+    if mode == "keep":
+        return x, 0
+    norms = x.norm(dim=1)
+    over = norms > threshold
+    n = int(over.sum())
+    if n == 0:
+        return x, 0
+    if mode == "drop":
+        return x[~over], n
+    scale = torch.where(over, threshold / norms.clamp_min(1e-30), torch.ones_like(norms))
+    return x * scale[:, None], n

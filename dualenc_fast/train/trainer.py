@@ -13,6 +13,16 @@ with no sparsity penalty (TopK is the sparsity).
   on the residual ``x - sae_recon`` for ``steps``. With the same seed, stage 1
   is the ``sae`` run step for step.
 - ``joint``: SAE and NFM together on one loss.
+- ``joint_linear``: the joint model with the interaction path removed (SAE plus a
+  second decoder matrix and bias on the same code, ``sae_recon + linear_out``),
+  trained the same way: a control for what the interaction path adds.
+
+Paper-fidelity options: ``standardize`` (train on per-dimension z-scores from a
+10k-row sample, as the author's scripts do; the saved ``model/`` has the
+standardisation folded in and takes raw activations, ``model_standardized/``
+is the model as trained), ``adam_eps`` (the scripts use 1e-5), and
+``outliers`` = ``drop`` / ``clip`` for rows whose norm exceeds
+``outlier_multiple`` x the median row norm (counted in the summary).
 
 Every run writes ``out/config.json``, ``out/metrics.jsonl`` (one line per step,
 plus ``"split": "val"`` lines), ``out/checkpoints/`` (resumable, atomic),
@@ -25,7 +35,9 @@ progress but no usable checkpoint.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -44,7 +56,7 @@ from .data import ActivationStore, BatchPrefetcher
 from ..errors import DISK_FULL_ERRNOS, DiskFullError, NoGoodCheckpointError
 from ..nn.modules import JointSAENFM, TopKSparseAutoencoder
 
-KINDS = ("sae", "sae_bias", "sequential", "joint")
+KINDS = ("sae", "sae_bias", "sequential", "joint", "joint_linear")
 PRE_BIAS_INIT = ("none", "zeros", "mean", "geometric_median")
 
 
@@ -84,6 +96,11 @@ class TrainConfig:
     shuffle_shards: int = 4
     init_sae: Optional[str] = None  # sequential: a trained SAE to start stage 2 from
     precision: str = "fp32"  # fp32 | bf16 (autocast; float32 weights and Adam state)
+    adam_eps: float = 1e-8
+    standardize: bool = False  # train on per-dimension z-scores (folded into model/ on save)
+    standardize_rows: int = 10_000
+    outliers: str = "keep"  # keep | drop | clip rows with norm > outlier_multiple x median norm
+    outlier_multiple: float = 10.0
 
     def validate(self) -> None:
         if self.kind not in KINDS:
@@ -105,6 +122,16 @@ class TrainConfig:
             raise ValueError("init_sae only applies to kind='sequential'")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if not self.adam_eps > 0:
+            raise ValueError(f"adam_eps must be positive, got {self.adam_eps}")
+        if self.outliers not in ("keep", "drop", "clip"):
+            raise ValueError(f"outliers must be 'keep', 'drop' or 'clip', got {self.outliers!r}")
+        if not self.outlier_multiple > 0:
+            raise ValueError(f"outlier_multiple must be positive, got {self.outlier_multiple}")
+        if self.standardize and self.normalize_input:
+            raise ValueError("standardize and normalize_input are exclusive: pick one input scaling")
+        if self.standardize_rows < 2:
+            raise ValueError(f"standardize_rows must be at least 2, got {self.standardize_rows}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -125,6 +152,8 @@ class TrainResult:
     model: torch.nn.Module
     out_dir: Path
     summary: dict = field(default_factory=dict)
+    # with standardize: the model as trained (takes z-scores); ``model`` takes raw activations
+    standardized_model: Optional[torch.nn.Module] = None
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -144,7 +173,8 @@ def build_model(config: TrainConfig, d: int) -> torch.nn.Module:
         return TopKSparseAutoencoder(d, config.features, config.k, backend=config.backend,
                                      decoder_bias=config.kind == "sae_bias", **sae_opts)
     return JointSAENFM(d, config.features, config.k, config.embedding_dim, top_n=config.top_n,
-                       dropout=config.dropout, backend=config.backend, **sae_opts)
+                       dropout=config.dropout, backend=config.backend,
+                       interaction=config.kind != "joint_linear", **sae_opts)
 
 
 def lr_factor(step: int, total: int, lr: float, final_lr: float, decay_fraction: float = 0.8) -> float:
@@ -160,7 +190,8 @@ def make_optimizer(params, config: TrainConfig, total_steps: int):
     state for float32 parameters) and the linear-decay schedule."""
     params = list(params)
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
-    opt = torch.optim.Adam(params, lr=config.lr, betas=tuple(config.betas), fused=fused or None)
+    opt = torch.optim.Adam(params, lr=config.lr, betas=tuple(config.betas), eps=config.adam_eps,
+                           fused=fused or None)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: lr_factor(i, total_steps, config.lr, config.final_lr, config.decay_fraction)
     )
@@ -215,7 +246,7 @@ def evaluate(model, x: torch.Tensor, *, batch_size: int = 4096) -> dict:
     """Reconstruction metrics of ``model`` on ``x`` (eval mode): mse, fvu, l0,
     component magnitudes and shares, and for joint models the component ablation
     (mse of sae only, sae + linear, sae + interaction), and the standard SAE metrics of
-    :mod:`dualenc_fast.sae_metrics` (explained variance, cossim, l2 ratio, dead and dense latents)."""
+    :mod:`dualenc_fast.eval.sae_metrics` (explained variance, cossim, l2 ratio, dead and dense latents)."""
     from ..eval.sae_metrics import SAEMetrics
 
     std = SAEMetrics()
@@ -426,6 +457,7 @@ def train(
     save_final: bool = True,
     device=None,
     wandb_project: Optional[str] = None,
+    progress_every: Optional[int] = None,
 ) -> TrainResult:
     """Train ``config.kind`` on the activations in ``store``; write everything to ``out_dir``.
 
@@ -435,6 +467,7 @@ def train(
     ``overwrite``: delete an existing run in ``out_dir`` first.
     ``stop_after``: stop once this many steps are done (testing interruptions).
     ``wandb_project``: also log the metrics to this Weights & Biases project (rank 0 only).
+    ``progress_every``: without a terminal, one progress line every this many steps.
     ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or None (CUDA when available).
 
     Inside a ``torch.distributed`` process group (torchrun), every rank calls this
@@ -444,7 +477,9 @@ def train(
     stay on the device and are checked (NaN/Inf) and logged every ``log_every``
     steps, before each checkpoint and validation, and at the end.
     """
-    from tqdm.auto import tqdm
+    from ..nn.modules import fold_standardization_
+    from ..progress import Progress
+    from .data import outlier_filter, standardization_stats
 
     from .. import distributed as dist_
 
@@ -508,11 +543,39 @@ def train(
     dead_counter = dead_counter.to(dev)
     if resume and main:
         log.truncate_after(done)
-    val_x = store.tensor("val", config.val_fraction, max_rows=config.val_rows).to(dev) if main else None
+    # input preparation: outlier rows (raw norms), then the per-dimension z-score
+    prep_stats = None
+    if config.standardize or config.outliers != "keep":
+        prep_stats = standardization_stats(store, config.standardize_rows, val_fraction=config.val_fraction)
+    outlier_threshold = config.outlier_multiple * prep_stats["median_norm"] if config.outliers != "keep" else None
+    needs_prep = prep_stats is not None
 
-    loader = BatchPrefetcher(store.loader(
-        config.batch_size, seed=config.seed, split="train", val_fraction=config.val_fraction, start_batch=done,
-        shuffle_shards=config.shuffle_shards, rank=rank, world_size=world), dev)
+    def prep(x: torch.Tensor):
+        n = 0
+        if outlier_threshold is not None:
+            x, n = outlier_filter(x, config.outliers, outlier_threshold)
+        if config.standardize:
+            x = (x - prep_stats["mean"]) / prep_stats["std"]
+        return x, n
+
+    touched = {"train": int(extra.get("outlier_rows", 0)), "val": 0}
+    val_x = None
+    if main:
+        val_x, touched["val"] = prep(store.tensor("val", config.val_fraction, max_rows=config.val_rows))
+        val_x = val_x.to(dev)
+
+    # the loader prepares batches on the host; the rows each touched are counted as it is consumed
+    batch_touched: collections.deque = collections.deque()
+
+    def prepared(batches):
+        for b in batches:
+            b, n = prep(b)
+            batch_touched.append(n)
+            yield b
+
+    raw = store.loader(config.batch_size, seed=config.seed, split="train", val_fraction=config.val_fraction,
+                       start_batch=done, shuffle_shards=config.shuffle_shards, rank=rank, world_size=world)
+    loader = BatchPrefetcher(prepared(raw) if needs_prep else raw, dev)
     amp = dist_.autocast(dev, config.precision)
     # losses of the steps since the last host read, on the device
     interval = config.log_every if config.log_every and config.log_every > 0 else 256
@@ -525,7 +588,7 @@ def train(
 
         tracker = start_wandb(wandb_project, out_dir, config=config.to_dict(), resume=found is not None)
     t0 = time.time()
-    bar = tqdm(total=total, initial=done, desc=f"train {config.kind}", unit="step", disable=not (progress and main))
+    bar = Progress(total, f"train {config.kind}", initial=done, enabled=progress and main, every=progress_every)
     stage_start = 0
     result_summary = {}
 
@@ -600,6 +663,8 @@ def train(
                     read_back(sched)
                     return TrainResult(model, out_dir, {"stopped_at": done})
                 x = next(loader)
+                if needs_prep:
+                    touched["train"] += batch_touched.popleft()
                 with amp:
                     out = module.forward_sparse(x)
                 recon = out.recon.float()
@@ -662,11 +727,13 @@ def train(
                                 rng_extra["rank_device_rng"] = [s[1] for s in states]
                         ckpt.save_checkpoint(out_dir, done, model, opt, sched, keep=config.keep_checkpoints, extra={
                             "stage": stage, "dead_counter": dead_counter, "world_size": world, **rng_extra,
+                            "outlier_rows": touched["train"],
                             "elapsed": elapsed_before + time.time() - t0})
             stage_start = stage_end
         for p in model.parameters():  # unfreeze what a sequential stage froze
             p.requires_grad_(True)
         final_model = model
+        standardized_model = None
         if main:
             val = evaluate(final_model, val_x)
             log.write({"step": done, "split": "val", "final": True, **val})
@@ -676,10 +743,27 @@ def train(
                 "kind": config.kind, "steps": done, "tokens_seen": done * config.batch_size,
                 "train_seconds": elapsed_before + time.time() - t0, "val": val,
                 "backend": sae.backend_name, "d": d, "features": config.features, "k": config.k,
+                "parameters": sum(p.numel() for p in model.parameters()),
                 "device": str(dev), "precision": config.precision, "processes": world,
             }
+            if config.standardize:
+                result_summary["standardize"] = {
+                    "rows": prep_stats["rows"], "val_metrics_space": "standardized (z-scores)",
+                    "note": "model/ takes raw activations (standardisation folded in); "
+                            "model_standardized/ is the model as trained"}
+                standardized_model = model
+                final_model = fold_standardization_(copy.deepcopy(model).cpu(), prep_stats["mean"], prep_stats["std"]).to(dev)
+            if outlier_threshold is not None:
+                result_summary["outliers"] = {
+                    "mode": config.outliers, "multiple_of_median_norm": config.outlier_multiple,
+                    "median_norm": prep_stats["median_norm"], "threshold": outlier_threshold,
+                    "train_rows_touched": touched["train"], "train_rows_seen": done * config.batch_size,
+                    "val_rows_touched": touched["val"],
+                    "counted_on": "rank 0's share of each batch" if world > 1 else "every row"}
             if save_final:
                 final_model.save(out_dir / "model")
+                if standardized_model is not None:
+                    standardized_model.save(out_dir / "model_standardized")
             ckpt.atomic_write_json(out_dir / "summary.json", result_summary)
         result_summary = dist_.broadcast_object(result_summary)
         ok = True
@@ -689,7 +773,7 @@ def train(
         log.close()
         if tracker is not None:
             tracker.finish(ok)
-    return TrainResult(model, out_dir, result_summary)
+    return TrainResult(final_model, out_dir, result_summary, standardized_model)
 
 
 def error_reduction(mse_base: float, mse_new: float) -> float:
