@@ -225,7 +225,7 @@ def test_subprocess_exit_status_and_stderr(paths):
     argv = [sys.executable, "-m", "dualenc_fast.cli", *_train(paths, paths["torn_shard"])]
     r = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=240, cwd=str(ROOT))
     assert r.returncode == 2
-    err = [line for line in r.stderr.splitlines() if line.strip() and not line.startswith("device: ")]
-    assert len(err) == 1 and "not a readable safetensors file" in err[0]
+    lines = [line for line in r.stderr.splitlines() if line.strip() and not line.startswith("device: ")]
+    assert len(lines) == 1 and "not a readable safetensors file" in lines[0]
     r = subprocess.run(argv + ["--debug"], capture_output=True, text=True, env=env, timeout=240, cwd=str(ROOT))
     assert r.returncode != 0 and "Traceback" in r.stderr and "CorruptFileError" in r.stderr

@@ -62,7 +62,7 @@ def assert_same_run(run, ref):
 
 
 def stderr_lines(capsys):
-    """stderr less the informational ``device: ...`` line."""
+    """stderr less blank lines and the status line naming the device."""
     return [line for line in capsys.readouterr().err.splitlines() if line.strip() and not line.startswith("device: ")]
 
 
@@ -349,8 +349,9 @@ KILLER = textwrap.dedent("""
     torch.set_num_threads(1)
     from dualenc_fast import storage as S
     from dualenc_fast.cli import main
+    from dualenc_fast.train import checkpoint as C
     target = os.environ["DIE_WRITING"]  # die half-way through writing the file whose path ends so
-    real_write, real_rmtree = S._atomic_write, shutil.rmtree
+    real_write, real_rmtree = S._atomic_write, C.shutil.rmtree
 
     def die(path, writer):  # target "A*B": the path holds A and ends with B
         *inside, end = target.split("*")
