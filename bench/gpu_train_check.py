@@ -29,10 +29,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dualenc_fast import checkpoint as C  # noqa: E402
 from dualenc_fast.bench import machine_description  # noqa: E402
-from dualenc_fast.data import write_store  # noqa: E402
-from dualenc_fast.train import TrainConfig, train  # noqa: E402
+from dualenc_fast.train import checkpoint as C  # noqa: E402
+from dualenc_fast.train.data import write_store  # noqa: E402
+from dualenc_fast.train.trainer import TrainConfig, train  # noqa: E402
 
 PAPER = dict(d=3200, features=50000, k=1024, embedding_dim=300, top_n=512, batch_size=4096)
 SMALL = dict(d=64, features=1024, k=16, embedding_dim=32, top_n=8, batch_size=128)

@@ -89,6 +89,10 @@ PYBIND11_MODULE(_C, m) {
         py::overload_cast<bool, bool, bool, int64_t, int64_t, int64_t>(&dualenc_fast::use_dense_path),
         py::arg("on_cpu"), py::arg("half_or_bf16"), py::arg("is_float32"), py::arg("B"), py::arg("k"),
         py::arg("F"), "Whether the sparse ops would take the dense path for such a code.");
+  m.def("sparse_form",
+        &dualenc_fast::sparse_form,
+        py::arg("on_cpu"), py::arg("half_or_bf16"), py::arg("is_float32"), py::arg("B"), py::arg("k"),
+        py::arg("F"), "The form a forward records for its backward: 0 gather, n > 0 dense in n-byte blocks.");
   m.def("set_sparse_strategy", &set_sparse_strategy, py::arg("mode"), py::arg("cpu_min_density"),
         py::arg("cuda_min_density"), py::arg("cuda_fp32_min_density"), py::arg("dense_block_bytes"));
 }

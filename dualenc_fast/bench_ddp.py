@@ -36,7 +36,7 @@ def _worker(rank: int, world: int, port: int, shape: dict, repeats: int, warmup:
     import torch.distributed as dist
 
     from . import distributed as dist_
-    from .modules import JointSAENFM
+    from .nn.modules import JointSAENFM
 
     if world > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,

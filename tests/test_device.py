@@ -11,12 +11,12 @@ import pytest
 import torch
 
 import dualenc_fast as df
-from dualenc_fast import checkpoint as C
-from dualenc_fast import train as T
 from dualenc_fast.cli import main as cli_main
-from dualenc_fast.data import ActivationStore, BatchPrefetcher, write_store
 from dualenc_fast.distributed import autocast, resolve_device
-from dualenc_fast.train import TrainConfig, TrainingDiverged, read_metrics, train
+from dualenc_fast.train import checkpoint as C
+from dualenc_fast.train import trainer as T
+from dualenc_fast.train.data import ActivationStore, BatchPrefetcher, write_store
+from dualenc_fast.train.trainer import TrainConfig, TrainingDiverged, read_metrics, train
 
 torch.set_num_threads(1)
 D_, F_, K_ = 12, 48, 8

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import dualenc_fast
-from dualenc_fast import checkpoint as C
-from dualenc_fast.data import write_store
+from dualenc_fast.train import checkpoint as C
+from dualenc_fast.train.data import write_store
 from dualenc_fast.train import TrainConfig, read_metrics, train
 
 pytestmark = [pytest.mark.slow,

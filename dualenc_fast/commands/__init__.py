@@ -26,6 +26,9 @@ def add_run_options(p) -> None:
     add_device_option(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--progress-every", type=int, default=None, metavar="N",
+                   help="when stderr is not a terminal (a log file), one progress line every N steps "
+                        "instead of a bar (default: about 20 lines per run)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 

@@ -32,6 +32,9 @@ def register(sub):
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float32",
                    help="storage dtype of the activations (default: float32)")
     p.add_argument("--shard-rows", type=int, default=100_000, help="rows per shard file (default: 100000)")
+    p.add_argument("--standardize", action="store_true",
+                   help="also store per-dimension mean/std of a 10k-row training sample (standardize.safetensors) "
+                        "for `dualenc train --standardize`; the activations stay raw")
     add_run_options(p)
     p.set_defaults(func=run)
 
@@ -49,7 +52,7 @@ def parse_layer(text, n_layers: int) -> int:
 
 
 def load_texts(args):
-    from dualenc_fast.data import bundled_texts, read_text_files
+    from dualenc_fast.train.data import bundled_texts, read_text_files
 
     if args.text:
         return read_text_files(args.text), "files: " + ", ".join(args.text)
@@ -57,7 +60,7 @@ def load_texts(args):
 
 
 def run(args) -> int:
-    from dualenc_fast.data import collect_activations
+    from dualenc_fast.train.data import collect_activations
     from dualenc_fast.lm import decoder_layers, load_causal_lm
 
     apply_threads(args)
@@ -83,7 +86,14 @@ def run(args) -> int:
         )
     finally:
         dist_.shutdown()
-    if dist_.rank_from_env() == 0:
-        print(f"wrote {manifest['count']} activations (d={manifest['d']}, layer {layer} of {manifest['num_layers']}) "
-              f"in {len(manifest['shards'])} shard(s) to {args.out}")
+    if dist_.rank_from_env() != 0:
+        return 0
+    if args.standardize:
+        from dualenc_fast.data import ActivationStore, standardization_stats
+
+        st = standardization_stats(ActivationStore(args.out))
+        print(f"standardisation statistics of {st['rows']} rows: mean |mu| {float(st['mean'].abs().mean()):.4g}, "
+              f"mean sigma {float(st['std'].mean()):.4g}, median row norm {st['median_norm']:.4g}", file=sys.stderr)
+    print(f"wrote {manifest['count']} activations (d={manifest['d']}, layer {layer} of {manifest['num_layers']}) "
+          f"in {len(manifest['shards'])} shard(s) to {args.out}")
     return 0

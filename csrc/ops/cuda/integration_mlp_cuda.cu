@@ -24,7 +24,10 @@ __global__ void apply_dropout_kernel(const scalar_t* __restrict__ x, const bool*
                                      int64_t n) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    out[i] = mask[i] ? static_cast<scalar_t>(static_cast<acc_t>(x[i]) * scale) : scalar_t(0);
+    // a dropped entry is x * 0 as in torch (NaN and Inf give NaN); scale 0
+    // (rate 1: everything dropped) gives exact zeros, as the reference
+    const acc_t v = static_cast<acc_t>(x[i]);
+    out[i] = static_cast<scalar_t>(mask[i] ? v * scale : (scale == acc_t(0) ? acc_t(0) : v * acc_t(0)));
   }
 }
 
@@ -32,7 +35,7 @@ template <typename scalar_t>
 __global__ void relu_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out, int64_t n) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    out[i] = static_cast<acc_t>(x[i]) > acc_t(0) ? x[i] : scalar_t(0);
+    out[i] = static_cast<acc_t>(x[i]) <= acc_t(0) ? scalar_t(0) : x[i];  // relu(NaN) = NaN, as torch
   }
 }
 
@@ -42,7 +45,7 @@ __global__ void relu_backward_kernel(const scalar_t* __restrict__ g, const scala
                                      scalar_t* __restrict__ h, int64_t n) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    const bool on = static_cast<acc_t>(x[i]) > acc_t(0);
+    const bool on = !(static_cast<acc_t>(x[i]) <= acc_t(0));  // NaN passes its gradient, as torch
     acc_t v = on ? static_cast<acc_t>(g[i]) : acc_t(0);
     if (extra) v += static_cast<acc_t>(extra[i]);
     dpre[i] = static_cast<scalar_t>(v);

@@ -243,10 +243,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_backward_cuda(
     const at::Tensor& x,            // [B, d]
     const at::Tensor& weight,       // [F, d]
     const std::optional<at::Tensor>& pre_bias,  // [d] or None
-    bool need_x_grad, bool need_weight_grad, bool check_indices) {
+    bool need_x_grad, bool need_weight_grad, bool check_indices, int64_t sparse_form) {
   const c10::cuda::CUDAGuard guard(values.device());
   return topk_encode_backward_impl<Prims>(grad_values, values, indices, x, weight, pre_bias, need_x_grad,
-                                          need_weight_grad, check_indices);
+                                          need_weight_grad, check_indices, sparse_form);
 }
 
 }  // namespace

@@ -33,7 +33,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
-from .reference import functional as RF
+from ..reference import functional as RF
 
 Tensor = torch.Tensor
 
@@ -51,7 +51,7 @@ def resolve_backend(backend: str):
     if backend == "reference":
         return "reference", RF
     if backend == "fused":
-        from ._ext import require_extension
+        from .._ext import require_extension
 
         require_extension()
         try:
@@ -61,7 +61,7 @@ def resolve_backend(backend: str):
                 f"backend='fused' requested but dualenc_fast.ops cannot be imported ({exc}); "
                 "use backend='reference'"
             ) from exc
-    from ._ext import extension_available
+    from .._ext import extension_available
 
     reason = "the compiled extension dualenc_fast._C is not available"
     if extension_available():
@@ -90,12 +90,17 @@ class SparseCode:
     which are in range by construction: the compiled ops then skip their index
     range check, a device sync per call on CUDA. Leave it False for indices
     from elsewhere, and do not modify a trusted code's indices in place.
+
+    ``sorted`` marks rows already ordered by value descending, then index
+    ascending (``topk_encode`` returns them so): the NFM's top-N re-selection
+    of such a code is its first N columns, taken without a sort.
     """
 
     values: Tensor
     indices: Tensor
     num_features: int
     trusted: bool = field(default=False, compare=False, repr=False)
+    sorted: bool = field(default=False, compare=False, repr=False)
 
     @property
     def k(self) -> int:
@@ -106,7 +111,7 @@ class SparseCode:
         return RF.dense_code(self.values, self.indices, self.num_features)
 
     def detach(self) -> "SparseCode":
-        return SparseCode(self.values.detach(), self.indices, self.num_features, self.trusted)
+        return SparseCode(self.values.detach(), self.indices, self.num_features, self.trusted, self.sorted)
 
     def l0(self) -> Tensor:
         """Mean number of non-zero entries per row."""
@@ -187,16 +192,21 @@ class _Common:
     def save(self, path) -> None:
         """Write ``path/`` = ``model.safetensors`` (reference names, normalisation
         folded in) + ``config.json``. Atomic per file."""
-        from .checkpoint import save_model
+        from .serialize import save_model
 
         save_model(self, path)
 
     @classmethod
     def load(cls, path, *, backend: str = "auto", device="cpu"):
-        """Load a model written by :meth:`save` (safetensors + JSON; never unpickles)."""
-        from .checkpoint import load_model
+        """Load a model written by :meth:`save` (safetensors + JSON; never unpickles), or the
+        model of a training checkpoint or finished run folder (see
+        :func:`dualenc_fast.nn.serialize.read_model`)."""
+        from .serialize import read_model
 
-        model = load_model(path, backend=backend, device=device)
+        config, state = read_model(path)
+        model = build_model(config, backend=backend)
+        model.load_state_dict(state)
+        model = model.to(device)
         if not isinstance(model, cls):
             raise ValueError(f"{path} holds a {type(model).__name__}, not a {cls.__name__}")
         return model
@@ -308,7 +318,7 @@ class TopKSparseAutoencoder(_Common, nn.Module):
         if s is not None:
             x = x * s
         values, indices = self._fn.topk_encode(x, self.W_enc, self.b_enc, self.k, pre_bias=self.b_dec)
-        return SparseCode(values, indices, self.hidden_dim, trusted=True)
+        return SparseCode(values, indices, self.hidden_dim, trusted=True, sorted=True)
 
     def decode(self, code: SparseCode) -> Tensor:
         out = self._fn.sparse_decode(code.values, code.indices, self.decoder.weight, self.output_bias(),
@@ -456,6 +466,7 @@ class NeuralFactorizationMachine(_Common, nn.Module):
         top_n: Optional[int] = None,
         dropout: float = 0.15,
         backend: str = "auto",
+        interaction: bool = True,
     ):
         super().__init__()
         if top_n is not None and top_n <= 0:
@@ -464,7 +475,11 @@ class NeuralFactorizationMachine(_Common, nn.Module):
         self.embedding_dim = embedding_dim
         self.output_dim = output_dim
         self.top_n = top_n
-        self.feature_embeddings = nn.Embedding(num_sae_features, embedding_dim)
+        # interaction=False: the linear part only (a second decoder on the code), no
+        # embeddings and no MLP; interaction_out is zero. A control for the joint model.
+        self.interaction = bool(interaction)
+        self._dropout_p = float(dropout)
+        self.feature_embeddings = nn.Embedding(num_sae_features, embedding_dim) if self.interaction else None
         tmp = nn.Linear(num_sae_features, output_dim)  # same RNG draws as the reference
         self.linear = RowMajorLinear(num_sae_features, output_dim, bias=True)
         self.interaction_mlp = nn.Sequential(
@@ -472,10 +487,11 @@ class NeuralFactorizationMachine(_Common, nn.Module):
             nn.Linear(embedding_dim, embedding_dim),
             nn.ReLU(),
             nn.Linear(embedding_dim, output_dim),
-        )
-        nn.init.normal_(self.feature_embeddings.weight, std=0.05)
+        ) if self.interaction else None
+        if self.interaction:
+            nn.init.normal_(self.feature_embeddings.weight, std=0.05)
         nn.init.normal_(tmp.weight, std=0.01)
-        for layer in (self.interaction_mlp[1], self.interaction_mlp[3]):
+        for layer in ((self.interaction_mlp[1], self.interaction_mlp[3]) if self.interaction else ()):
             nn.init.normal_(layer.weight, std=0.01)
             nn.init.zeros_(layer.bias)
         with torch.no_grad():
@@ -485,13 +501,16 @@ class NeuralFactorizationMachine(_Common, nn.Module):
 
     @property
     def dropout(self) -> float:
-        return float(self.interaction_mlp[0].p)
+        return float(self.interaction_mlp[0].p) if self.interaction else self._dropout_p
 
     def config(self) -> dict:
+        kwargs = {"top_n": self.top_n, "dropout": self.dropout}
+        if not self.interaction:
+            kwargs["interaction"] = False
         return {
             "class": "NeuralFactorizationMachine",
             "args": [self.num_sae_features, self.embedding_dim, self.output_dim],
-            "kwargs": {"top_n": self.top_n, "dropout": self.dropout},
+            "kwargs": kwargs,
         }
 
     def _mlp(self, p: Tensor) -> Tensor:
@@ -503,10 +522,15 @@ class NeuralFactorizationMachine(_Common, nn.Module):
     def forward_sparse(self, code: SparseCode) -> NFMOutput:
         values, indices = code.values, code.indices
         if self.top_n is not None and self.top_n < values.shape[-1]:
-            values, indices = self._fn.topn_reselect(values, indices, self.top_n)
+            if code.sorted:  # rows ordered as topn_reselect orders them: the first N columns
+                values, indices = values[..., : self.top_n], indices[..., : self.top_n]
+            else:
+                values, indices = self._fn.topn_reselect(values, indices, self.top_n)
         check = not code.trusted  # top-N re-selection keeps a subset of the indices
         linear_out = self._fn.sparse_decode(values, indices, self.linear.weight, self.linear.bias,
                                             check_indices=check)
+        if not self.interaction:
+            return NFMOutput(linear_out, linear_out, torch.zeros_like(linear_out))
         p = self._fn.fm_interaction(values, indices, self.feature_embeddings.weight, check_indices=check)
         interaction_out = self._mlp(p)
         return NFMOutput(linear_out + interaction_out, linear_out, interaction_out)
@@ -519,6 +543,8 @@ class NeuralFactorizationMachine(_Common, nn.Module):
                 v, i = RF.select_topk(f, self.top_n)
                 f = RF.dense_code(v, i, f.shape[-1])
             linear_out = f @ self.linear.weight + self.linear.bias
+            if not self.interaction:
+                return linear_out, linear_out, torch.zeros_like(linear_out)
             V = self.feature_embeddings.weight
             s = f @ V
             p = 0.5 * (s * s - (f * f) @ (V * V))
@@ -529,14 +555,15 @@ class NeuralFactorizationMachine(_Common, nn.Module):
             width = min(width, self.top_n)
         width = max(1, min(width, f.shape[-1]))
         values, indices = RF.select_topk(f, width)
-        return tuple(self.forward_sparse(SparseCode(values, indices, f.shape[-1], trusted=True)))
+        return tuple(self.forward_sparse(SparseCode(values, indices, f.shape[-1], trusted=True, sorted=True)))
 
     @torch.no_grad()
     def _scale_outputs_(self, factor: float) -> None:
         self.linear.weight.mul_(factor)
         self.linear.bias.mul_(factor)
-        self.interaction_mlp[3].weight.mul_(factor)
-        self.interaction_mlp[3].bias.mul_(factor)
+        if self.interaction:
+            self.interaction_mlp[3].weight.mul_(factor)
+            self.interaction_mlp[3].bias.mul_(factor)
 
 
 # --------------------------------------------------------------------------- joint
@@ -562,12 +589,14 @@ class JointSAENFM(_Common, nn.Module):
         top_n: Optional[int] = None,
         dropout: float = 0.15,
         backend: str = "auto",
+        interaction: bool = True,
         **sae_options,
     ):
         super().__init__()
         self.primary_sae = TopKSparseAutoencoder(input_dim, sae_features, sae_k, backend=backend, **sae_options)
         self.nfm = NeuralFactorizationMachine(
-            sae_features, nfm_embedding_dim, input_dim, top_n=top_n, dropout=dropout, backend=backend
+            sae_features, nfm_embedding_dim, input_dim, top_n=top_n, dropout=dropout, backend=backend,
+            interaction=interaction,
         )
         self._init_backend(backend)
 
@@ -581,7 +610,8 @@ class JointSAENFM(_Common, nn.Module):
             "class": "JointSAENFM",
             "args": [self.primary_sae.input_dim, self.primary_sae.hidden_dim, self.primary_sae.k,
                      self.nfm.embedding_dim],
-            "kwargs": {"top_n": self.nfm.top_n, "dropout": self.nfm.dropout, **sae["kwargs"]},
+            "kwargs": {"top_n": self.nfm.top_n, "dropout": self.nfm.dropout, **sae["kwargs"],
+                       **({} if self.nfm.interaction else {"interaction": False})},
         }
 
     def encode(self, x: Tensor) -> SparseCode:
@@ -620,6 +650,55 @@ class JointSAENFM(_Common, nn.Module):
         return s
 
 
+@torch.no_grad()
+def fold_standardization_(model: nn.Module, mean: Tensor, std: Tensor) -> nn.Module:
+    """Fold a per-dimension standardisation ``z = (x - mean) / std`` into a model trained on ``z``.
+
+    Afterwards ``model(x) == std * model_before((x - mean) / std) + mean`` for raw ``x``:
+    same top-k selection (the encoder's pre-activations are unchanged), outputs in raw
+    units. ``W_enc`` columns are divided by ``std``; ``b_enc`` absorbs ``-W_enc' @ mean``
+    (or, with a pre-encoder bias, ``b_dec' = mean + std * b_dec``); decoder, NFM linear
+    and interaction output rows are multiplied by ``std``; ``mean`` becomes part of the
+    output bias (a decoder bias is added when the SAE had none). In place; returns ``model``.
+    """
+    sae = model.primary_sae if isinstance(model, JointSAENFM) else model
+    if not isinstance(sae, TopKSparseAutoencoder):
+        raise ValueError(f"fold_standardization_ needs a TopKSparseAutoencoder or JointSAENFM, got {type(model).__name__}")
+    if sae.normalizes_input:
+        raise ValueError("fold the input normalisation first (fold_input_normalization_): the two are not combined")
+    w = sae.W_enc
+    mean = torch.as_tensor(mean).to(w)
+    std = torch.as_tensor(std).to(w)
+    if mean.shape != (sae.input_dim,) or std.shape != (sae.input_dim,):
+        raise ValueError(f"mean and std must have shape ({sae.input_dim},), got {tuple(mean.shape)} and {tuple(std.shape)}")
+    if not bool((std > 0).all()):
+        raise ValueError("std must be positive in every dimension")
+    w.div_(std)  # [F, d]: column j scaled by 1 / std_j
+    dec = sae.decoder
+    if sae.b_dec is not None:
+        sae.b_dec.mul_(std).add_(mean)
+        out_shift = torch.zeros_like(mean)
+    else:
+        sae.b_enc.sub_(w @ mean)
+        out_shift = mean
+    if dec.bias is None:
+        new = RowMajorLinear(dec.in_features, dec.out_features, bias=True).to(w)
+        new.weight.copy_(dec.weight)
+        sae.decoder = dec = new
+    dec.weight.mul_(std)  # [F, d] row-major: every feature's output scaled per dimension
+    dec.bias.mul_(std).add_(out_shift)
+    if sae.unit_norm_decoder:
+        sae.unit_norm_decoder = False  # the folded rows are no longer unit norm
+    if isinstance(model, JointSAENFM):
+        nfm = model.nfm
+        nfm.linear.weight.mul_(std)
+        nfm.linear.bias.mul_(std)
+        if nfm.interaction:
+            nfm.interaction_mlp[3].weight.mul_(std[:, None])
+            nfm.interaction_mlp[3].bias.mul_(std)
+    return model
+
+
 MODEL_CLASSES = {
     "TopKSparseAutoencoder": TopKSparseAutoencoder,
     "NeuralFactorizationMachine": NeuralFactorizationMachine,
@@ -645,6 +724,7 @@ __all__ = [
     "SparseOutput",
     "TopKSparseAutoencoder",
     "build_model",
+    "fold_standardization_",
     "geometric_median",
     "resolve_backend",
 ]

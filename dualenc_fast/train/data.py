@@ -26,7 +26,8 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Union
 
 import torch
 
-from .checkpoint import atomic_save_tensors, atomic_write_json, load_tensors, read_json
+from ..errors import DataError
+from ..storage import atomic_save_tensors, atomic_write_json, load_tensors, read_json
 
 MANIFEST_FORMAT = "dualenc_fast.activations"
 WINDOW = 50
@@ -227,9 +228,8 @@ def collect_activations(
     rank runs the model on the windows its shards cover and writes them, and
     rank 0 writes one manifest listing all shards. The folder holds the same
     files, rows and split as a one-process collection."""
-    from tqdm.auto import tqdm
-
-    from .lm import decoder_layers, layer_output
+    from ..lm import decoder_layers, layer_output
+    from ..progress import Progress
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -249,7 +249,7 @@ def collect_activations(
     window = windows.shape[1]
     if not 0 <= skip_first < window:
         raise ValueError(f"skip_first must be in [0, {window}), got {skip_first}")
-    from . import distributed as dist_
+    from .. import distributed as dist_
 
     rank = dist_.rank() if rank is None else int(rank)
     world_size = dist_.world_size() if world_size is None else int(world_size)
@@ -285,8 +285,7 @@ def collect_activations(
     model.eval()
     d = None
     try:
-        bar = tqdm(total=row_hi - row_lo, unit="tok", desc=f"collect layer {layer}",
-                   disable=not progress or rank != 0)
+        bar = Progress(row_hi - row_lo, f"collect layer {layer}", unit="tok", enabled=progress and rank == 0)
         with torch.no_grad():
             for start in range(win_lo, win_hi, batch_size):
                 ids = windows[start:min(start + batch_size, win_hi)]
@@ -407,6 +406,7 @@ class ActivationStore:
         self._cache: "OrderedDict[int, torch.Tensor]" = OrderedDict()
         self.cache_shards = max(1, cache_shards)
         self._lock = threading.Lock()  # the batch prefetcher reads from its own thread
+        self._checked: set = set()  # shards found finite (checked once, on first load)
 
     def __repr__(self) -> str:
         return f"ActivationStore({str(self.folder)!r}, count={self.count}, d={self.d}, shards={len(self.shards)})"
@@ -434,12 +434,20 @@ class ActivationStore:
         """The activations of shard ``i`` in their stored dtype, memory-mapped from the
         file (safetensors maps it on the CPU; nothing is read until rows are touched,
         and processes reading the same shard share the page cache). Cached: the
-        ``cache_shards`` most recently used maps stay open."""
+        ``cache_shards`` most recently used maps stay open. Checked for NaN/Inf (and
+        its shape) once, the first time it is opened."""
         with self._lock:
             if i in self._cache:
                 self._cache.move_to_end(i)
                 return self._cache[i]
-            t = load_tensors(self.folder / self.shards[i]["file"])["activations"]
+            path = self.folder / self.shards[i]["file"]
+            try:
+                t = load_tensors(path)["activations"]
+            except KeyError:
+                raise DataError(f"{path} holds no 'activations' tensor: not a dualenc_fast activation shard") from None
+            if i not in self._checked:
+                self._check_finite(i, path, t)
+                self._checked.add(i)
             self._cache[i] = t
             while len(self._cache) > self.cache_shards:
                 self._cache.popitem(last=False)
@@ -449,6 +457,22 @@ class ActivationStore:
         """The activations of shard ``i`` as float32 (a float32 shard stays memory-mapped;
         16-bit shards are converted, a copy)."""
         return self.stored_shard(i).float()
+
+    def _check_finite(self, i: int, path: Path, t: torch.Tensor) -> None:
+        """Raise :class:`DataError` naming the shard and row range if ``t`` holds NaN/Inf."""
+        if t.dim() != 2 or t.shape[1] != self.d or t.shape[0] != int(self.counts[i]):
+            raise DataError(f"{path}: activations of shape {tuple(t.shape)}, the manifest says "
+                            f"[{int(self.counts[i])}, {self.d}]")
+        if bool(torch.isfinite(t).all()):
+            return
+        bad = (~torch.isfinite(t)).any(dim=1).nonzero().squeeze(1)
+        lo, hi = int(bad[0]), int(bad[-1])
+        n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+        first = int(self.offsets[i])
+        raise DataError(
+            f"{path.name} (shard {i}) holds NaN/Inf activations in {bad.numel()} row(s) within rows {lo}..{hi} of "
+            f"the shard (rows {first + lo}..{first + hi} of the store; {n_nan} NaN, {n_inf} Inf values): "
+            "collect the activations again (a float32 --dtype avoids float16 overflow) or remove those rows")
 
     def _split_rows(self, i: int, split: str, val_fraction: float) -> torch.Tensor:
         n = int(self.counts[i])
@@ -630,3 +654,62 @@ class BatchPrefetcher:
         except queue.Empty:
             pass
         self._thread.join(timeout=5)
+
+
+# --------------------------------------------------------------------------- standardisation and outliers
+
+STANDARDIZE_FILE = "standardize.safetensors"
+STANDARDIZE_ROWS = 10_000
+OUTLIER_MODES = ("keep", "drop", "clip")
+
+
+def standardization_stats(store: "ActivationStore", rows: int = STANDARDIZE_ROWS, *, val_fraction: float = 0.1,
+                          write: bool = True, min_std: float = 1e-6) -> dict:
+    """Per-dimension mean and standard deviation of ``rows`` training rows (a fixed
+    sample, seed 0, so every run on one folder uses the same statistics), and the
+    median row norm (for :func:`outlier_filter`).
+
+    Cached in ``STANDARDIZE_FILE`` in the activation folder (``write``); a cached
+    file for a different row count or split is recomputed. Returns
+    ``{"mean": [d], "std": [d], "median_norm": float, "rows": int}``."""
+    if rows <= 0:
+        raise ValueError(f"rows must be positive, got {rows}")
+    path = store.folder / STANDARDIZE_FILE
+    if path.exists():
+        t = load_tensors(path)
+        if int(t["rows"]) == rows and abs(float(t["val_fraction"]) - val_fraction) < 1e-12:
+            return {"mean": t["mean"], "std": t["std"], "median_norm": float(t["median_norm"]), "rows": rows}
+    x = store.sample(rows, seed=0, split="train", val_fraction=val_fraction).double()
+    if x.shape[0] < 2:
+        raise ValueError(f"{store.folder}: need at least 2 training rows to standardise")
+    mean = x.mean(0)
+    std = x.std(0).clamp_min(min_std)
+    out = {"mean": mean.float(), "std": std.float(), "median_norm": float(x.norm(dim=1).median()),
+           "rows": int(x.shape[0])}
+    if write:
+        try:
+            atomic_save_tensors(path, {"mean": out["mean"], "std": out["std"],
+                                       "median_norm": torch.tensor(out["median_norm"], dtype=torch.float64),
+                                       "rows": torch.tensor(rows), "val_fraction": torch.tensor(val_fraction,
+                                                                                                dtype=torch.float64)})
+        except OSError:  # a read-only activation folder: use the statistics without caching them
+            pass
+    return out
+
+
+def outlier_filter(x: torch.Tensor, mode: str, threshold: float):
+    """Rows of ``x`` whose norm exceeds ``threshold``: ``"keep"`` them, ``"drop"`` them,
+    or ``"clip"`` them (rescale to norm ``threshold``). Returns ``(x', rows_touched)``."""
+    if mode not in OUTLIER_MODES:
+        raise ValueError(f"outliers must be one of {OUTLIER_MODES}, got {mode!r}")
+    if mode == "keep":
+        return x, 0
+    norms = x.norm(dim=1)
+    over = norms > threshold
+    n = int(over.sum())
+    if n == 0:
+        return x, 0
+    if mode == "drop":
+        return x[~over], n
+    scale = torch.where(over, threshold / norms.clamp_min(1e-30), torch.ones_like(norms))
+    return x * scale[:, None], n
