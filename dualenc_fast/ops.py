@@ -241,6 +241,13 @@ def topk_encode(
     A NaN pre-activation ranks first, above ``+Inf`` (as :func:`torch.topk`;
     NaNs among themselves by lower index), and the NaN is returned in
     ``values``, so a loss built on them goes NaN.
+
+    In bfloat16 / float16 the pre-activation ``x @ weight.T + bias`` is
+    rounded once (the reference rounds the product, then the sum), so it may
+    differ from the reference's by one rounding (``eps * |z|``). Indices can
+    differ only there: the selected set is the reference's unless its k-th and
+    (k+1)-th values lie within one rounding of each other, and the order
+    differs only among neighbours within one rounding.
     """
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"dualenc_fast: argument 'k' must be an int, got {type(k).__name__} {k!r}")
