@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -90,3 +90,23 @@ def replace_layer_output(output, hidden: torch.Tensor):
     if isinstance(output, list):
         return [hidden] + list(output[1:])
     return hidden
+
+
+class LayerSplice:
+    """A forward hook on one decoder layer that records and/or replaces its output."""
+
+    def __init__(self, layer_module: nn.Module):
+        self.module = layer_module
+        self.captured: Optional[torch.Tensor] = None
+        self.replace: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+        self.handle = layer_module.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output):
+        h = layer_output(output)
+        if self.replace is None:
+            self.captured = h.detach()
+            return None
+        return replace_layer_output(output, self.replace(h))
+
+    def remove(self):
+        self.handle.remove()

@@ -1,4 +1,4 @@
-"""dualenc_fast.modules against the reference modules: init, state_dict, outputs, gradients, options."""
+"""dualenc_fast.nn.modules against the reference modules: init, state_dict, outputs, gradients, options."""
 from __future__ import annotations
 
 import importlib.util
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import dualenc_fast
-from dualenc_fast import modules as M
+from dualenc_fast.nn import modules as M
 from dualenc_fast.reference import functional as RF
 from dualenc_fast.reference import modules as R
 

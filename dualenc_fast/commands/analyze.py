@@ -33,7 +33,7 @@ def register(sub):
 
 def run(args) -> int:
     from dualenc_fast.commands.eval import load_models
-    from dualenc_fast.report import write_report
+    from dualenc_fast.eval.report import write_report
 
     models = load_models(args.checkpoints, args.names, backend=args.backend, device=args.device)
     path = write_report(

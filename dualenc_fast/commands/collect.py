@@ -50,7 +50,7 @@ def parse_layer(text, n_layers: int) -> int:
 
 
 def load_texts(args):
-    from dualenc_fast.data import bundled_texts, read_text_files
+    from dualenc_fast.train.data import bundled_texts, read_text_files
 
     if args.text:
         return read_text_files(args.text), "files: " + ", ".join(args.text)
@@ -58,7 +58,7 @@ def load_texts(args):
 
 
 def run(args) -> int:
-    from dualenc_fast.data import collect_activations
+    from dualenc_fast.train.data import collect_activations
     from dualenc_fast.lm import decoder_layers, load_causal_lm
 
     apply_threads(args)

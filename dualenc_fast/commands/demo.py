@@ -141,11 +141,11 @@ def format_table(rows: list) -> str:
 
 
 def run(args) -> int:
-    from dualenc_fast.checkpoint import atomic_write_json, atomic_write_text
+    from dualenc_fast.storage import atomic_write_json, atomic_write_text
     from dualenc_fast.commands.collect import parse_layer
-    from dualenc_fast.data import ActivationStore, bundled_texts, collect_activations, read_text_files
+    from dualenc_fast.train.data import ActivationStore, bundled_texts, collect_activations, read_text_files
     from dualenc_fast.lm import decoder_layers, load_causal_lm
-    from dualenc_fast.train import TrainConfig, error_reduction, train
+    from dualenc_fast.train.trainer import TrainConfig, error_reduction, train
 
     t_start = time.time()
     apply_threads(args)

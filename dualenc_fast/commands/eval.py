@@ -70,7 +70,7 @@ def _run_info(path: Path) -> dict:
 
 def load_one(path, *, backend: str = "auto", device: str = "cpu"):
     """Load a model from a model folder, a training-run folder (its ``model/``) or a checkpoint."""
-    from dualenc_fast.checkpoint import load_model
+    from dualenc_fast.train.checkpoint import load_model
 
     path = Path(path)
     if not path.exists():
@@ -101,8 +101,8 @@ def load_models(paths: Sequence[str], names: Optional[Sequence[str]] = None, *, 
 
 
 def run(args) -> int:
-    from dualenc_fast.data import ActivationStore
-    from dualenc_fast.report import write_report
+    from dualenc_fast.train.data import ActivationStore
+    from dualenc_fast.eval.report import write_report
 
     models = load_models(args.checkpoints, args.names, backend=args.backend, device=args.device)
     data = args.data
@@ -131,12 +131,12 @@ def run(args) -> int:
             lm = None
     if lm is not None:
         if args.text:
-            from dualenc_fast.data import read_text_files, token_windows
+            from dualenc_fast.train.data import read_text_files, token_windows
 
             windows = token_windows(read_text_files(args.text), tok, int(store.manifest.get("window") or 50),
                                     max_windows=args.windows)
         else:
-            from dualenc_fast.eval import windows_from_store
+            from dualenc_fast.eval.metrics import windows_from_store
 
             windows, skip_first = windows_from_store(store, args.windows, args.val_fraction)
     meta = {"data": str(data), "language model": lm_name or "-", "layer": layer, "validation rows": val.shape[0],

@@ -55,7 +55,7 @@ def register(sub):
 
 
 def config_from_args(args):
-    from dualenc_fast.train import TrainConfig
+    from dualenc_fast.train.trainer import TrainConfig
 
     return TrainConfig(
         kind=args.kind, features=args.features, k=args.k, embedding_dim=args.embedding_dim, top_n=args.top_n,
@@ -69,9 +69,9 @@ def config_from_args(args):
 
 
 def run(args) -> int:
-    from dualenc_fast.checkpoint import export_saelens
-    from dualenc_fast.data import ActivationStore
-    from dualenc_fast.train import train
+    from dualenc_fast.train.checkpoint import export_saelens
+    from dualenc_fast.train.data import ActivationStore
+    from dualenc_fast.train.trainer import train
 
     apply_threads(args)
     config = config_from_args(args)

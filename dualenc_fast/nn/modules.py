@@ -33,7 +33,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
-from .reference import functional as RF
+from ..reference import functional as RF
 
 Tensor = torch.Tensor
 
@@ -51,7 +51,7 @@ def resolve_backend(backend: str):
     if backend == "reference":
         return "reference", RF
     if backend == "fused":
-        from ._ext import require_extension
+        from .._ext import require_extension
 
         require_extension()
         try:
@@ -61,7 +61,7 @@ def resolve_backend(backend: str):
                 f"backend='fused' requested but dualenc_fast.ops cannot be imported ({exc}); "
                 "use backend='reference'"
             ) from exc
-    from ._ext import extension_available
+    from .._ext import extension_available
 
     reason = "the compiled extension dualenc_fast._C is not available"
     if extension_available():
@@ -192,16 +192,21 @@ class _Common:
     def save(self, path) -> None:
         """Write ``path/`` = ``model.safetensors`` (reference names, normalisation
         folded in) + ``config.json``. Atomic per file."""
-        from .checkpoint import save_model
+        from .serialize import save_model
 
         save_model(self, path)
 
     @classmethod
     def load(cls, path, *, backend: str = "auto", device="cpu"):
-        """Load a model written by :meth:`save` (safetensors + JSON; never unpickles)."""
-        from .checkpoint import load_model
+        """Load a model written by :meth:`save` (safetensors + JSON; never unpickles), or the
+        model of a training checkpoint or finished run folder (see
+        :func:`dualenc_fast.nn.serialize.read_model`)."""
+        from .serialize import read_model
 
-        model = load_model(path, backend=backend, device=device)
+        config, state = read_model(path)
+        model = build_model(config, backend=backend)
+        model.load_state_dict(state)
+        model = model.to(device)
         if not isinstance(model, cls):
             raise ValueError(f"{path} holds a {type(model).__name__}, not a {cls.__name__}")
         return model

@@ -16,7 +16,7 @@ with no sparsity penalty (TopK is the sparsity).
 
 Every run writes ``out/config.json``, ``out/metrics.jsonl`` (one line per step,
 plus ``"split": "val"`` lines), ``out/checkpoints/`` (resumable, atomic),
-``out/model/`` (final weights, :func:`dualenc_fast.checkpoint.load_model`) and
+``out/model/`` (final weights, :func:`dualenc_fast.train.checkpoint.load_model`) and
 ``out/summary.json``. ``resume=True`` continues from the newest checkpoint and
 reproduces the uninterrupted run exactly.
 """
@@ -36,7 +36,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .data import ActivationStore
-from .modules import JointSAENFM, TopKSparseAutoencoder
+from ..nn.modules import JointSAENFM, TopKSparseAutoencoder
 
 KINDS = ("sae", "sae_bias", "sequential", "joint")
 PRE_BIAS_INIT = ("none", "zeros", "mean", "geometric_median")

@@ -31,87 +31,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-MODEL_FORMAT = "dualenc_fast.model"
+from ..nn.serialize import MODEL_FORMAT, save_model  # noqa: F401  (model folders live in nn/)
+from ..storage import (_atomic_write, _fsync_dir, _prepare, atomic_save_tensors, atomic_write_bytes,  # noqa: F401
+                       atomic_write_json, atomic_write_text, load_tensors, read_json)
+
 CHECKPOINT_FORMAT = "dualenc_fast.checkpoint"
 FORMAT_VERSION = 1
-
-
-# --------------------------------------------------------------------------- atomic files
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(str(folder), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path, writer) -> Path:
-    """Call ``writer(tmp_path)``, fsync the result, then ``os.replace`` it onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    os.close(fd)
-    try:
-        writer(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def atomic_write_bytes(path, data: bytes) -> Path:
-    def writer(tmp):
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-
-    return _atomic_write(path, writer)
-
-
-def atomic_write_text(path, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path, obj) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-def _prepare(tensors: dict) -> dict:
-    out = {}
-    for key, t in tensors.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{key}: expected a tensor, got {type(t).__name__}")
-        out[key] = t.detach().to("cpu").contiguous()
-    return out
-
-
-def atomic_save_tensors(path, tensors: dict, metadata: Optional[dict] = None) -> Path:
-    """Write ``tensors`` as one safetensors file, atomically."""
-    tensors = _prepare(tensors)
-    meta = {k: str(v) for k, v in (metadata or {}).items()}
-    return _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
-
-
-def load_tensors(path, device="cpu") -> dict:
-    return load_file(str(path), device=str(device))
-
-
-def read_json(path) -> Any:
-    with open(path, "r", encoding="utf-8") as fh:
-        return json.load(fh)
 
 
 # --------------------------------------------------------------------------- nested state <-> (JSON, tensors)
@@ -210,35 +135,10 @@ def set_rng_state(state: dict) -> None:
 # --------------------------------------------------------------------------- models
 
 
-def save_model(model, path, *, extra: Optional[dict] = None) -> Path:
-    """Write ``path/config.json`` + ``path/model.safetensors`` (reference names;
-    input normalisation folded into the weights)."""
-    from . import __version__
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    scale = 1.0
-    if getattr(model, "normalizes_input", False):
-        scale = float(getattr(model, "primary_sae", model).input_scale)
-    folded = model.folded()
-    config = {
-        "format": MODEL_FORMAT,
-        "format_version": FORMAT_VERSION,
-        "dualenc_fast_version": __version__,
-        **folded.config(),
-        "folded_input_scale": scale,
-    }
-    if extra:
-        config["extra"] = extra
-    atomic_save_tensors(path / "model.safetensors", folded.state_dict(), metadata={"format": MODEL_FORMAT})
-    atomic_write_json(path / "config.json", config)
-    return path
-
-
 def load_model(path, *, backend: str = "auto", device="cpu"):
     """Load a module from a model folder written by ``save()``, a training run folder
     (its ``model/``), a checkpoint folder, or a SAELens folder. Never unpickles."""
-    from .modules import build_model
+    from ..nn.modules import build_model
 
     path = Path(path)
     if path.is_file() and path.suffix == ".safetensors":
@@ -397,7 +297,7 @@ def export_saelens(model, folder, *, model_name: Optional[str] = None, hook_name
     the NFM, which SAELens cannot represent, goes to ``dualenc_nfm.safetensors``
     (reference names) and the SAELens files hold the SAE part only.
     """
-    from .modules import JointSAENFM, TopKSparseAutoencoder
+    from ..nn.modules import JointSAENFM, TopKSparseAutoencoder
 
     model = model.folded()
     nfm = None
@@ -458,7 +358,7 @@ def export_saelens(model, folder, *, model_name: Optional[str] = None, hook_name
 def import_saelens(folder, *, backend: str = "auto", device="cpu", with_nfm: bool = True):
     """Read a SAELens TopK SAE folder into a :class:`TopKSparseAutoencoder` (or a
     :class:`JointSAENFM` when a ``dualenc_nfm.safetensors`` sidecar is present)."""
-    from .modules import JointSAENFM, TopKSparseAutoencoder
+    from ..nn.modules import JointSAENFM, TopKSparseAutoencoder
 
     folder = Path(folder)
     if not (folder / SAELENS_CFG).exists() or not (folder / SAELENS_WEIGHTS).exists():

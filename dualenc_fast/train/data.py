@@ -24,7 +24,7 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Union
 
 import torch
 
-from .checkpoint import atomic_save_tensors, atomic_write_json, load_tensors, read_json
+from ..storage import atomic_save_tensors, atomic_write_json, load_tensors, read_json
 
 MANIFEST_FORMAT = "dualenc_fast.activations"
 WINDOW = 50
@@ -217,7 +217,7 @@ def collect_activations(
     window (0 = keep all, as the paper). Returns the manifest."""
     from tqdm.auto import tqdm
 
-    from .lm import decoder_layers, layer_output
+    from ..lm import decoder_layers, layer_output
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
