@@ -798,3 +798,16 @@ def test_index_checks_toggle():
     finally:
         ops.set_index_checks(True)
     assert ops.index_checks()
+
+
+def test_cuda_grid_sizes_are_checked():
+    """Every CUDA launch takes its gridDim.x from checked_grid (csrc/ops/grid.h):
+    sizes over 2^31 - 1 (or below 1) raise naming the kernel and the size
+    instead of wrapping in a cast to unsigned."""
+    check = ops._ext._C._checked_grid
+    assert check(1, "k") == 1
+    assert check(2**31 - 1, "k") == 2**31 - 1
+    with pytest.raises(ValueError, match=r"kernel row_dot_kernel needs a grid of 2147483648 blocks"):
+        check(2**31, "row_dot_kernel")
+    with pytest.raises(ValueError, match=r"kernel gather_sum_kernel needs a grid of 0 blocks"):
+        check(0, "gather_sum_kernel")

@@ -14,8 +14,11 @@ namespace {
 
 constexpr int kThreads = 256;
 
+// The grid of the grid-stride element-wise kernels: at most 65536 blocks,
+// checked like every launch.
 inline unsigned blocks_for(int64_t n) {
-  return static_cast<unsigned>(std::min<int64_t>(ceil_div(n, kThreads), int64_t(1) << 16));
+  return checked_grid(std::min<int64_t>(ceil_div(n, kThreads), int64_t(1) << 16),
+                      "apply_dropout_kernel/relu_kernel/relu_backward_kernel");
 }
 
 template <typename scalar_t>

@@ -18,6 +18,8 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "ops/grid.h"
+
 namespace dualenc_fast::cuda {
 
 constexpr int kWarp = 32;
