@@ -56,6 +56,11 @@ def load_causal_lm(model: str = "smollm2", *, gguf_file: Optional[str] = None,
         folder = Path(model)
         if not folder.is_dir():
             raise FileNotFoundError(f"model folder {model!r} does not exist (nothing is fetched from a hub)")
+        if not gguf_file and not (folder / "config.json").exists():
+            from .errors import UserError
+
+            raise UserError(f"{folder} is not a transformers model folder (no config.json): pass a folder saved "
+                            "with save_pretrained(), or 'smollm2'")
     kwargs = {"local_files_only": True}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file

@@ -490,3 +490,6 @@ def _topn_reselect_backward(ctx, grad_values, grad_indices, grad_positions):
 torch.library.register_autograd(
     "dualenc_fast::topn_reselect", _topn_reselect_backward, setup_context=_topn_reselect_setup
 )
+
+
+from . import _autocast  # noqa: E402,F401  (autocast rules for the ops above)

@@ -9,6 +9,7 @@ The layer under :mod:`dualenc_fast.nn.serialize` (model folders),
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -17,6 +18,8 @@ from typing import Any, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from .errors import DISK_FULL_ERRNOS, CorruptFileError, DiskFullError
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -43,14 +46,59 @@ def _atomic_write(path, writer) -> Path:
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if _is_disk_full(exc):
+            raise DiskFullError(path) from exc
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC/EDQUOT, as an OSError or inside another library's error (safetensors reports
+    ``I/O error: No space left on device (os error 28)`` as a SafetensorError)."""
+    if isinstance(exc, DiskFullError):
+        return False
+    if isinstance(exc, OSError):
+        return exc.errno in DISK_FULL_ERRNOS
+    text = str(exc)
+    return any(f"(os error {n})" in text for n in DISK_FULL_ERRNOS) or "No space left on device" in text
+
+
+def file_sha256(path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while True:
+            block = fh.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_record(path) -> dict:
+    """``{"sha256", "bytes"}`` of a file, as stored in checkpoint and model JSON."""
+    return {"sha256": file_sha256(path), "bytes": os.path.getsize(path)}
+
+
+def verify_file(path, record: dict, error=CorruptFileError) -> None:
+    """Raise ``error`` naming ``path`` unless it exists with the size and sha256 in ``record``."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path} is missing")
+    if not isinstance(record, dict) or not isinstance(record.get("sha256"), str):
+        raise error(f"no content hash recorded for {path}")
+    size = os.path.getsize(path)
+    if "bytes" in record and size != record["bytes"]:
+        raise error(f"{path} is corrupt: {size} bytes, {record['bytes']} expected (truncated or overwritten)")
+    digest = file_sha256(path)
+    if digest != record["sha256"]:
+        raise error(f"{path} is corrupt: its sha256 is {digest[:12]}..., {record['sha256'][:12]}... expected")
 
 
 def atomic_write_bytes(path, data: bytes) -> Path:
@@ -86,9 +134,27 @@ def atomic_save_tensors(path, tensors: dict, metadata: Optional[dict] = None) ->
 
 
 def load_tensors(path, device="cpu") -> dict:
-    return load_file(str(path), device=str(device))
+    """The tensors of a safetensors file; a file that is not one (truncated, damaged header)
+    raises :class:`CorruptFileError` naming it."""
+    try:
+        return load_file(str(path), device=str(device))
+    except OSError as exc:
+        if exc.errno is not None:  # missing, unreadable, I/O error: not a format problem
+            raise
+        raise CorruptFileError(f"{path} is not a readable safetensors file ({_one_line(exc)})") from exc
+    except Exception as exc:  # safetensors' own SafetensorError: truncated or damaged header/data
+        raise CorruptFileError(f"{path} is not a readable safetensors file ({_one_line(exc)})") from exc
 
 
 def read_json(path) -> Any:
-    with open(path, "r", encoding="utf-8") as fh:
-        return json.load(fh)
+    """Parse a JSON file; one that does not parse raises :class:`CorruptFileError` naming it."""
+    try:
+        with open(path, "r", encoding="utf-8") as fh:
+            return json.load(fh)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptFileError(f"{path} is not valid JSON ({_one_line(exc)})") from exc
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -111,7 +111,8 @@ def nfm_weights(model) -> Tuple[Optional[Tensor], Optional[Tensor]]:
     nfm = getattr(_folded(model), "nfm", None)
     if nfm is None:
         return None, None
-    return _linear_weight(nfm.linear), _as_tensor(nfm.feature_embeddings.weight)
+    emb = getattr(nfm, "feature_embeddings", None)  # None: an NFM without the interaction path
+    return _linear_weight(nfm.linear), None if emb is None else _as_tensor(emb.weight)
 
 
 def column_norms(weight: Tensor, *, squared: bool = False, block: int = 8192) -> np.ndarray:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from dualenc_fast.commands import add_run_options, apply_threads
+from dualenc_fast.commands import add_run_options, apply_threads, resolve_device
 
 
 def register(sub):
@@ -32,7 +32,9 @@ def register(sub):
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float32",
                    help="storage dtype of the activations (default: float32)")
     p.add_argument("--shard-rows", type=int, default=100_000, help="rows per shard file (default: 100000)")
-    p.add_argument("--device", default="cpu", help="torch device for the LM (default: cpu)")
+    p.add_argument("--standardize", action="store_true",
+                   help="also store per-dimension mean/std of a 10k-row training sample (standardize.safetensors) "
+                        "for `dualenc train --standardize`; the activations stay raw")
     add_run_options(p)
     p.set_defaults(func=run)
 
@@ -67,13 +69,20 @@ def run(args) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be positive")
     texts, source = load_texts(args)
     print(f"loading {args.model} ...", file=sys.stderr)
-    model, tok = load_causal_lm(args.model, device=args.device)
+    device = resolve_device(args)
+    model, tok = load_causal_lm(args.model, device=device)
     layer = parse_layer(args.layer, len(decoder_layers(model)))
     manifest = collect_activations(
         model, tok, layer, args.out, texts=texts, window=args.window, max_tokens=args.max_tokens,
         batch_size=args.batch_size, dtype=args.dtype, shard_rows=args.shard_rows, skip_first=args.skip_first,
         model_name=args.model, source=source, progress=not args.no_progress,
     )
+    if args.standardize:
+        from dualenc_fast.data import ActivationStore, standardization_stats
+
+        st = standardization_stats(ActivationStore(args.out))
+        print(f"standardisation statistics of {st['rows']} rows: mean |mu| {float(st['mean'].abs().mean()):.4g}, "
+              f"mean sigma {float(st['std'].mean()):.4g}, median row norm {st['median_norm']:.4g}", file=sys.stderr)
     print(f"wrote {manifest['count']} activations (d={manifest['d']}, layer {layer} of {manifest['num_layers']}) "
           f"in {len(manifest['shards'])} shard(s) to {args.out}")
     return 0

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from dualenc_fast.commands import add_run_options, apply_threads
+from dualenc_fast.commands import add_run_options, apply_threads, resolve_device
 
 KINDS = ("sae", "sae_bias", "sequential", "joint")
 HOOK_MODULES = ("dualenc_fast.eval", "dualenc_fast.analysis")
@@ -157,7 +157,8 @@ def run(args) -> int:
     # ---- 1. language model + activations
     t = time.time()
     _log(f"[demo] loading {args.model} (local files only) ...")
-    lm, tok = load_causal_lm(args.model)
+    device = resolve_device(args)
+    lm, tok = load_causal_lm(args.model, device=device)
     n_layers = len(decoder_layers(lm))
     layer = parse_layer(args.layer, n_layers)
     timings["load_lm"] = time.time() - t
@@ -196,7 +197,7 @@ def run(args) -> int:
         run_dir = out / kind
         _log(f"[demo] training {kind} ...")
         t = time.time()
-        result = train(cfg, store, run_dir, overwrite=True, progress=progress)
+        result = train(cfg, store, run_dir, overwrite=True, progress=progress, device=device)
         timings[f"train_{kind}"] = time.time() - t
         runs[kind], summaries[kind], models[kind] = run_dir, result.summary, result.model
         val = result.summary["val"]

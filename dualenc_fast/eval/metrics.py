@@ -302,9 +302,13 @@ def splice_test(
     ``kl_recon / kl_eps`` with a bootstrap CI over windows, ``kl_excess`` =
     ``kl_recon - kl_eps``, ``ce_clean``, ``ce_recon``, ``ce_eps``,
     ``ce_increase`` (recon minus clean) with CI, ``ce_eps_increase``,
-    ``mse_splice`` (per-element error of the spliced activations).
+    ``mse_splice`` (per-element error of the spliced activations), and SAELens's
+    ``ce_loss_score`` / ``kl_div_score`` against the zero ablation (the layer's
+    output replaced by zeros; top-level ``ce_zero``, ``kl_zero``), see
+    :func:`dualenc_fast.sae_metrics.recovered_scores`.
     """
     from ..lm import decoder_layers
+    from .sae_metrics import recovered_scores
 
     ids_all = torch.as_tensor(token_windows, dtype=torch.long)
     if ids_all.dim() != 2 or ids_all.shape[1] < 2:
@@ -322,6 +326,7 @@ def splice_test(
     acc = {name: {k: np.zeros(N) for k in ("kl_recon", "kl_eps", "ce_recon", "ce_eps", "sse")} for name in names}
     d = 1
     ce_clean_w = np.zeros(N)
+    zero_w = {"kl": np.zeros(N), "ce": np.zeros(N)}  # zero ablation, once per window
     n_kl = T - skip_first
     n_ce = T - 1 - skip_first
     if n_kl <= 0 or n_ce <= 0:
@@ -340,6 +345,14 @@ def splice_test(
                 logp_clean = torch.log_softmax(logits_clean, dim=-1)
                 ce_c = -logp_clean[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
                 ce_clean_w[s:s + b] = ce_c[:, skip_first:].double().sum(1).cpu().numpy()
+                zero = torch.zeros_like(h)
+                if skip_first:
+                    zero = torch.cat([h[:, :skip_first], zero[:, skip_first:]], dim=1)
+                splice.replace = lambda _h, r=zero: r
+                kl, ce = _kl_ce(logp_clean, _lm_logits(lm, ids), ids)
+                zero_w["kl"][s:s + b] = kl[:, skip_first:].double().sum(1).cpu().numpy()
+                zero_w["ce"][s:s + b] = ce[:, skip_first:].double().sum(1).cpu().numpy()
+                splice.replace = None
                 for name in names:
                     mdl = models[name]
                     mdev, mdt = model_device_dtype(mdl)
@@ -376,7 +389,9 @@ def splice_test(
     out: Dict[str, Any] = {
         "layer": int(layer), "n_windows": int(N), "window_len": int(T), "n_eps": int(n_eps),
         "skip_first": int(skip_first), "n_kl_tokens": int(N * n_kl), "n_ce_tokens": int(N * n_ce),
-        "ce_clean": float(ce_clean_w.sum() / (N * n_ce)), "models": {},
+        "ce_clean": float(ce_clean_w.sum() / (N * n_ce)),
+        "ce_zero": float(zero_w["ce"].sum() / (N * n_ce)), "kl_zero": float(zero_w["kl"].sum() / (N * n_kl)),
+        "models": {},
     }
     for name in names:
         a = acc[name]
@@ -396,6 +411,8 @@ def splice_test(
             "ce_eps_increase": float(ce_e - out["ce_clean"]),
             "kl_recon_ci": _bootstrap_ratio(a["kl_recon"], np.full(N, float(n_kl)), n_boot, rng),
             "mse_splice": float(a["sse"].sum() / (N * n_kl * d)),
+            **recovered_scores(ce_clean=out["ce_clean"], ce_sae=float(ce_r), ce_zero=out["ce_zero"],
+                               kl_sae=float(kl_r), kl_zero=out["kl_zero"]),
         }
         out["models"][name] = res
     return out

@@ -466,6 +466,7 @@ class NeuralFactorizationMachine(_Common, nn.Module):
         top_n: Optional[int] = None,
         dropout: float = 0.15,
         backend: str = "auto",
+        interaction: bool = True,
     ):
         super().__init__()
         if top_n is not None and top_n <= 0:
@@ -474,7 +475,11 @@ class NeuralFactorizationMachine(_Common, nn.Module):
         self.embedding_dim = embedding_dim
         self.output_dim = output_dim
         self.top_n = top_n
-        self.feature_embeddings = nn.Embedding(num_sae_features, embedding_dim)
+        # interaction=False: the linear part only (a second decoder on the code), no
+        # embeddings and no MLP; interaction_out is zero. A control for the joint model.
+        self.interaction = bool(interaction)
+        self._dropout_p = float(dropout)
+        self.feature_embeddings = nn.Embedding(num_sae_features, embedding_dim) if self.interaction else None
         tmp = nn.Linear(num_sae_features, output_dim)  # same RNG draws as the reference
         self.linear = RowMajorLinear(num_sae_features, output_dim, bias=True)
         self.interaction_mlp = nn.Sequential(
@@ -482,10 +487,11 @@ class NeuralFactorizationMachine(_Common, nn.Module):
             nn.Linear(embedding_dim, embedding_dim),
             nn.ReLU(),
             nn.Linear(embedding_dim, output_dim),
-        )
-        nn.init.normal_(self.feature_embeddings.weight, std=0.05)
+        ) if self.interaction else None
+        if self.interaction:
+            nn.init.normal_(self.feature_embeddings.weight, std=0.05)
         nn.init.normal_(tmp.weight, std=0.01)
-        for layer in (self.interaction_mlp[1], self.interaction_mlp[3]):
+        for layer in ((self.interaction_mlp[1], self.interaction_mlp[3]) if self.interaction else ()):
             nn.init.normal_(layer.weight, std=0.01)
             nn.init.zeros_(layer.bias)
         with torch.no_grad():
@@ -495,13 +501,16 @@ class NeuralFactorizationMachine(_Common, nn.Module):
 
     @property
     def dropout(self) -> float:
-        return float(self.interaction_mlp[0].p)
+        return float(self.interaction_mlp[0].p) if self.interaction else self._dropout_p
 
     def config(self) -> dict:
+        kwargs = {"top_n": self.top_n, "dropout": self.dropout}
+        if not self.interaction:
+            kwargs["interaction"] = False
         return {
             "class": "NeuralFactorizationMachine",
             "args": [self.num_sae_features, self.embedding_dim, self.output_dim],
-            "kwargs": {"top_n": self.top_n, "dropout": self.dropout},
+            "kwargs": kwargs,
         }
 
     def _mlp(self, p: Tensor) -> Tensor:
@@ -520,6 +529,8 @@ class NeuralFactorizationMachine(_Common, nn.Module):
         check = not code.trusted  # top-N re-selection keeps a subset of the indices
         linear_out = self._fn.sparse_decode(values, indices, self.linear.weight, self.linear.bias,
                                             check_indices=check)
+        if not self.interaction:
+            return NFMOutput(linear_out, linear_out, torch.zeros_like(linear_out))
         p = self._fn.fm_interaction(values, indices, self.feature_embeddings.weight, check_indices=check)
         interaction_out = self._mlp(p)
         return NFMOutput(linear_out + interaction_out, linear_out, interaction_out)
@@ -532,6 +543,8 @@ class NeuralFactorizationMachine(_Common, nn.Module):
                 v, i = RF.select_topk(f, self.top_n)
                 f = RF.dense_code(v, i, f.shape[-1])
             linear_out = f @ self.linear.weight + self.linear.bias
+            if not self.interaction:
+                return linear_out, linear_out, torch.zeros_like(linear_out)
             V = self.feature_embeddings.weight
             s = f @ V
             p = 0.5 * (s * s - (f * f) @ (V * V))
@@ -548,8 +561,9 @@ class NeuralFactorizationMachine(_Common, nn.Module):
     def _scale_outputs_(self, factor: float) -> None:
         self.linear.weight.mul_(factor)
         self.linear.bias.mul_(factor)
-        self.interaction_mlp[3].weight.mul_(factor)
-        self.interaction_mlp[3].bias.mul_(factor)
+        if self.interaction:
+            self.interaction_mlp[3].weight.mul_(factor)
+            self.interaction_mlp[3].bias.mul_(factor)
 
 
 # --------------------------------------------------------------------------- joint
@@ -575,12 +589,14 @@ class JointSAENFM(_Common, nn.Module):
         top_n: Optional[int] = None,
         dropout: float = 0.15,
         backend: str = "auto",
+        interaction: bool = True,
         **sae_options,
     ):
         super().__init__()
         self.primary_sae = TopKSparseAutoencoder(input_dim, sae_features, sae_k, backend=backend, **sae_options)
         self.nfm = NeuralFactorizationMachine(
-            sae_features, nfm_embedding_dim, input_dim, top_n=top_n, dropout=dropout, backend=backend
+            sae_features, nfm_embedding_dim, input_dim, top_n=top_n, dropout=dropout, backend=backend,
+            interaction=interaction,
         )
         self._init_backend(backend)
 
@@ -594,7 +610,8 @@ class JointSAENFM(_Common, nn.Module):
             "class": "JointSAENFM",
             "args": [self.primary_sae.input_dim, self.primary_sae.hidden_dim, self.primary_sae.k,
                      self.nfm.embedding_dim],
-            "kwargs": {"top_n": self.nfm.top_n, "dropout": self.nfm.dropout, **sae["kwargs"]},
+            "kwargs": {"top_n": self.nfm.top_n, "dropout": self.nfm.dropout, **sae["kwargs"],
+                       **({} if self.nfm.interaction else {"interaction": False})},
         }
 
     def encode(self, x: Tensor) -> SparseCode:
@@ -633,6 +650,55 @@ class JointSAENFM(_Common, nn.Module):
         return s
 
 
+@torch.no_grad()
+def fold_standardization_(model: nn.Module, mean: Tensor, std: Tensor) -> nn.Module:
+    """Fold a per-dimension standardisation ``z = (x - mean) / std`` into a model trained on ``z``.
+
+    Afterwards ``model(x) == std * model_before((x - mean) / std) + mean`` for raw ``x``:
+    same top-k selection (the encoder's pre-activations are unchanged), outputs in raw
+    units. ``W_enc`` columns are divided by ``std``; ``b_enc`` absorbs ``-W_enc' @ mean``
+    (or, with a pre-encoder bias, ``b_dec' = mean + std * b_dec``); decoder, NFM linear
+    and interaction output rows are multiplied by ``std``; ``mean`` becomes part of the
+    output bias (a decoder bias is added when the SAE had none). In place; returns ``model``.
+    """
+    sae = model.primary_sae if isinstance(model, JointSAENFM) else model
+    if not isinstance(sae, TopKSparseAutoencoder):
+        raise ValueError(f"fold_standardization_ needs a TopKSparseAutoencoder or JointSAENFM, got {type(model).__name__}")
+    if sae.normalizes_input:
+        raise ValueError("fold the input normalisation first (fold_input_normalization_): the two are not combined")
+    w = sae.W_enc
+    mean = torch.as_tensor(mean).to(w)
+    std = torch.as_tensor(std).to(w)
+    if mean.shape != (sae.input_dim,) or std.shape != (sae.input_dim,):
+        raise ValueError(f"mean and std must have shape ({sae.input_dim},), got {tuple(mean.shape)} and {tuple(std.shape)}")
+    if not bool((std > 0).all()):
+        raise ValueError("std must be positive in every dimension")
+    w.div_(std)  # [F, d]: column j scaled by 1 / std_j
+    dec = sae.decoder
+    if sae.b_dec is not None:
+        sae.b_dec.mul_(std).add_(mean)
+        out_shift = torch.zeros_like(mean)
+    else:
+        sae.b_enc.sub_(w @ mean)
+        out_shift = mean
+    if dec.bias is None:
+        new = RowMajorLinear(dec.in_features, dec.out_features, bias=True).to(w)
+        new.weight.copy_(dec.weight)
+        sae.decoder = dec = new
+    dec.weight.mul_(std)  # [F, d] row-major: every feature's output scaled per dimension
+    dec.bias.mul_(std).add_(out_shift)
+    if sae.unit_norm_decoder:
+        sae.unit_norm_decoder = False  # the folded rows are no longer unit norm
+    if isinstance(model, JointSAENFM):
+        nfm = model.nfm
+        nfm.linear.weight.mul_(std)
+        nfm.linear.bias.mul_(std)
+        if nfm.interaction:
+            nfm.interaction_mlp[3].weight.mul_(std[:, None])
+            nfm.interaction_mlp[3].bias.mul_(std)
+    return model
+
+
 MODEL_CLASSES = {
     "TopKSparseAutoencoder": TopKSparseAutoencoder,
     "NeuralFactorizationMachine": NeuralFactorizationMachine,
@@ -658,6 +724,7 @@ __all__ = [
     "SparseOutput",
     "TopKSparseAutoencoder",
     "build_model",
+    "fold_standardization_",
     "geometric_median",
     "resolve_backend",
 ]

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from .._version import __version__
-from ..storage import atomic_save_tensors, atomic_write_json, load_tensors, read_json
+from ..storage import atomic_save_tensors, atomic_write_json, file_record, load_tensors, read_json, verify_file
 
 MODEL_FORMAT = "dualenc_fast.model"
 FORMAT_VERSION = 1
@@ -39,8 +39,21 @@ def save_model(model, path, *, extra: Optional[dict] = None) -> Path:
     if extra:
         config["extra"] = extra
     atomic_save_tensors(path / "model.safetensors", folded.state_dict(), metadata={"format": MODEL_FORMAT})
+    config["files"] = {"model.safetensors": file_record(path / "model.safetensors")}
     atomic_write_json(path / "config.json", config)
     return path
+
+
+def load_verified_weights(folder: Path, config: dict) -> dict:
+    """``folder/model.safetensors``, checked against the hash ``config.json`` records
+    (folders written before hashes were recorded are read unchecked)."""
+    weights = folder / "model.safetensors"
+    if not weights.exists():
+        raise FileNotFoundError(f"{folder} has a config.json but no model.safetensors")
+    record = (config.get("files") or {}).get("model.safetensors")
+    if record is not None:
+        verify_file(weights, record)
+    return load_tensors(weights)
 
 
 def read_model(path) -> tuple:
@@ -63,4 +76,6 @@ def read_model(path) -> tuple:
     else:
         raise FileNotFoundError(f"{path} holds no config.json/model.safetensors (for run folders still in "
                                 "training and SAELens folders use dualenc_fast.train.checkpoint.load_model)")
+    if (path / "config.json").exists():
+        return config, load_verified_weights(path, config)
     return config, load_tensors(path / "model.safetensors")

@@ -18,12 +18,15 @@ import io
 import json
 import math
 import os
+import queue
+import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Iterable, Iterator, List, Optional, Sequence, Union
 
 import torch
 
+from ..errors import DataError
 from ..storage import atomic_save_tensors, atomic_write_json, load_tensors, read_json
 
 MANIFEST_FORMAT = "dualenc_fast.activations"
@@ -215,9 +218,8 @@ def collect_activations(
     and store the output of decoder layer ``layer`` as sharded safetensors + a
     manifest in ``out_dir``. ``skip_first`` drops the first positions of each
     window (0 = keep all, as the paper). Returns the manifest."""
-    from tqdm.auto import tqdm
-
     from ..lm import decoder_layers, layer_output
+    from ..progress import Progress
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -259,8 +261,8 @@ def collect_activations(
     model.eval()
     d = None
     try:
-        bar = tqdm(total=windows.shape[0] * (window - skip_first), unit="tok", desc=f"collect layer {layer}",
-                   disable=not progress)
+        bar = Progress(windows.shape[0] * (window - skip_first), f"collect layer {layer}", unit="tok",
+                       enabled=progress)
         with torch.no_grad():
             for start in range(0, windows.shape[0], batch_size):
                 ids = windows[start:start + batch_size]
@@ -360,6 +362,8 @@ class ActivationStore:
         self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), self.counts.cumsum(0)])
         self._cache: "OrderedDict[int, torch.Tensor]" = OrderedDict()
         self.cache_shards = max(1, cache_shards)
+        self._lock = threading.Lock()  # the batch prefetcher reads from its own thread
+        self._checked: set = set()  # shards found finite (checked once, on first load)
 
     def __repr__(self) -> str:
         return f"ActivationStore({str(self.folder)!r}, count={self.count}, d={self.d}, shards={len(self.shards)})"
@@ -383,16 +387,49 @@ class ActivationStore:
         return load_tensors(self.folder / "stats.safetensors")["mean"]
 
     # ---- shards
+    def stored_shard(self, i: int) -> torch.Tensor:
+        """The activations of shard ``i`` in their stored dtype, memory-mapped from the
+        file (safetensors maps it on the CPU; nothing is read until rows are touched,
+        and processes reading the same shard share the page cache). Cached: the
+        ``cache_shards`` most recently used maps stay open."""
+        with self._lock:
+            if i in self._cache:
+                self._cache.move_to_end(i)
+                return self._cache[i]
+            path = self.folder / self.shards[i]["file"]
+            try:
+                t = load_tensors(path)["activations"]
+            except KeyError:
+                raise DataError(f"{path} holds no 'activations' tensor: not a dualenc_fast activation shard") from None
+            self._cache[i] = t
+            while len(self._cache) > self.cache_shards:
+                self._cache.popitem(last=False)
+            return t
+
     def shard(self, i: int) -> torch.Tensor:
-        """The activations of shard ``i`` as float32 (cached)."""
-        if i in self._cache:
-            self._cache.move_to_end(i)
-            return self._cache[i]
-        t = load_tensors(self.folder / self.shards[i]["file"])["activations"].float()
-        self._cache[i] = t
-        while len(self._cache) > self.cache_shards:
-            self._cache.popitem(last=False)
-        return t
+        """The activations of shard ``i`` as float32 (a float32 shard stays memory-mapped;
+        16-bit shards are converted, a copy). Checked for NaN/Inf once, on first use."""
+        t = self.stored_shard(i)
+        if i not in self._checked:
+            self._check_finite(i, self.folder / self.shards[i]["file"], t)
+            self._checked.add(i)
+        return t.float()
+
+    def _check_finite(self, i: int, path: Path, t: torch.Tensor) -> None:
+        """Raise :class:`DataError` naming the shard and row range if ``t`` holds NaN/Inf."""
+        if t.dim() != 2 or t.shape[1] != self.d or t.shape[0] != int(self.counts[i]):
+            raise DataError(f"{path}: activations of shape {tuple(t.shape)}, the manifest says "
+                            f"[{int(self.counts[i])}, {self.d}]")
+        if bool(torch.isfinite(t).all()):
+            return
+        bad = (~torch.isfinite(t)).any(dim=1).nonzero().squeeze(1)
+        lo, hi = int(bad[0]), int(bad[-1])
+        n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+        first = int(self.offsets[i])
+        raise DataError(
+            f"{path.name} (shard {i}) holds NaN/Inf activations in {bad.numel()} row(s) within rows {lo}..{hi} of "
+            f"the shard (rows {first + lo}..{first + hi} of the store; {n_nan} NaN, {n_inf} Inf values): "
+            "collect the activations again (a float32 --dtype avoids float16 overflow) or remove those rows")
 
     def _split_rows(self, i: int, split: str, val_fraction: float) -> torch.Tensor:
         n = int(self.counts[i])
@@ -417,7 +454,7 @@ class ActivationStore:
         out = torch.empty(ids.numel(), self.d, dtype=torch.float32)
         for s in torch.unique(shard_of).tolist():
             sel = (shard_of == s).nonzero().squeeze(1)
-            out[sel] = self.shard(s).index_select(0, ids[sel] - self.offsets[s])
+            out[sel] = self.stored_shard(s).index_select(0, ids[sel] - self.offsets[s]).float()
         return out
 
     def tensor(self, split: str = "val", val_fraction: float = 0.1, max_rows: Optional[int] = None) -> torch.Tensor:
@@ -458,16 +495,29 @@ class ActivationStore:
 
     def loader(self, batch_size: int, seed: int = 0, split: str = "train", val_fraction: float = 0.1, *,
                shuffle: Optional[bool] = None, start_batch: int = 0, epochs: Optional[int] = None,
-               shuffle_shards: int = 4, device="cpu") -> Iterator[torch.Tensor]:
+               shuffle_shards: int = 4, device="cpu", rank: int = 0,
+               world_size: int = 1) -> Iterator[torch.Tensor]:
         """Stream ``[batch_size, d]`` float32 batches.
 
         ``split="train"`` (default): shuffled, endless unless ``epochs`` is given,
         reproducible from ``seed``; batch ``i`` is the same whatever ``start_batch``
         the iteration began at, so ``start_batch=step`` resumes exactly.
         ``split="val"``: in order, one pass, last batch may be short (unless
-        ``shuffle=True``)."""
+        ``shuffle=True``).
+
+        Data-parallel (shuffled only): ``batch_size`` is the global batch and rank
+        ``rank`` of ``world_size`` gets rows ``[rank * b, (rank + 1) * b)`` of each
+        global batch, ``b = batch_size // world_size``; the global order does not
+        depend on ``world_size``."""
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank must lie in [0, world_size), got rank {rank} of {world_size}")
+        if batch_size % world_size:
+            raise ValueError(f"batch_size ({batch_size}) must be a multiple of the number of processes "
+                             f"({world_size}): it is the global batch, split evenly across them")
+        if world_size > 1 and shuffle is False:
+            raise ValueError("rank/world_size apply to the shuffled training stream only")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         if shuffle is None:
@@ -491,7 +541,132 @@ class ActivationStore:
         epoch, skip = divmod(int(start_batch), per_epoch)
         while epochs is None or epoch < epochs:
             batches = self.epoch_batches(batch_size, seed, epoch, split, val_fraction, shuffle_shards)
+            per_rank = batch_size // world_size
             for b in range(skip, batches.shape[0]):
-                yield self.rows(batches[b]).to(device)
+                ids = batches[b] if world_size == 1 else batches[b, rank * per_rank:(rank + 1) * per_rank]
+                yield self.rows(ids).to(device)
             skip = 0
             epoch += 1
+
+
+class BatchPrefetcher:
+    """Wrap a batch iterator: a background thread gathers the next batches from
+    host memory (pinned when ``device`` is CUDA) while the step runs, and the
+    copy of batch ``i + 1`` to ``device`` is issued (non-blocking) when batch
+    ``i`` is handed out. Same batches, same order as the iterator."""
+
+    _DONE = object()
+
+    def __init__(self, batches: Iterator[torch.Tensor], device="cpu", depth: int = 2):
+        self.device = torch.device(device)
+        self.pin = self.device.type == "cuda"
+        self._it = batches
+        self._q: "queue.Queue" = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._next = None
+        self._thread = threading.Thread(target=self._work, name="dualenc-prefetch", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        try:
+            for x in self._it:
+                if self.pin:
+                    x = x.pin_memory()
+                while not self._stop.is_set():
+                    try:
+                        self._q.put(x, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+            self._q.put(self._DONE)
+        except BaseException as exc:  # handed to the consumer
+            self._q.put(exc)
+
+    def _fetch(self):
+        item = self._q.get()
+        if item is self._DONE:
+            self._q.put(item)
+            return None
+        if isinstance(item, BaseException):
+            raise item
+        return item.to(self.device, non_blocking=True)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        x = self._next if self._next is not None else self._fetch()
+        if x is None:
+            raise StopIteration
+        self._next = self._fetch()
+        return x
+
+    def close(self) -> None:
+        self._stop.set()
+        try:
+            while True:
+                self._q.get_nowait()
+        except queue.Empty:
+            pass
+        self._thread.join(timeout=5)
+
+
+# --------------------------------------------------------------------------- standardisation and outliers
+
+STANDARDIZE_FILE = "standardize.safetensors"
+STANDARDIZE_ROWS = 10_000
+OUTLIER_MODES = ("keep", "drop", "clip")
+
+
+def standardization_stats(store: "ActivationStore", rows: int = STANDARDIZE_ROWS, *, val_fraction: float = 0.1,
+                          write: bool = True, min_std: float = 1e-6) -> dict:
+    """Per-dimension mean and standard deviation of ``rows`` training rows (a fixed
+    sample, seed 0, so every run on one folder uses the same statistics), and the
+    median row norm (for :func:`outlier_filter`).
+
+    Cached in ``STANDARDIZE_FILE`` in the activation folder (``write``); a cached
+    file for a different row count or split is recomputed. Returns
+    ``{"mean": [d], "std": [d], "median_norm": float, "rows": int}``."""
+    if rows <= 0:
+        raise ValueError(f"rows must be positive, got {rows}")
+    path = store.folder / STANDARDIZE_FILE
+    if path.exists():
+        t = load_tensors(path)
+        if int(t["rows"]) == rows and abs(float(t["val_fraction"]) - val_fraction) < 1e-12:
+            return {"mean": t["mean"], "std": t["std"], "median_norm": float(t["median_norm"]), "rows": rows}
+    x = store.sample(rows, seed=0, split="train", val_fraction=val_fraction).double()
+    if x.shape[0] < 2:
+        raise ValueError(f"{store.folder}: need at least 2 training rows to standardise")
+    mean = x.mean(0)
+    std = x.std(0).clamp_min(min_std)
+    out = {"mean": mean.float(), "std": std.float(), "median_norm": float(x.norm(dim=1).median()),
+           "rows": int(x.shape[0])}
+    if write:
+        try:
+            atomic_save_tensors(path, {"mean": out["mean"], "std": out["std"],
+                                       "median_norm": torch.tensor(out["median_norm"], dtype=torch.float64),
+                                       "rows": torch.tensor(rows), "val_fraction": torch.tensor(val_fraction,
+                                                                                                dtype=torch.float64)})
+        except OSError:  # a read-only activation folder: use the statistics without caching them
+            pass
+    return out
+
+
+def outlier_filter(x: torch.Tensor, mode: str, threshold: float):
+    """Rows of ``x`` whose norm exceeds ``threshold``: ``"keep"`` them, ``"drop"`` them,
+    or ``"clip"`` them (rescale to norm ``threshold``). Returns ``(x', rows_touched)``."""
+    if mode not in OUTLIER_MODES:
+        raise ValueError(f"outliers must be one of {OUTLIER_MODES}, got {mode!r}")
+    if mode == "keep":
+        return x, 0
+    norms = x.norm(dim=1)
+    over = norms > threshold
+    n = int(over.sum())
+    if n == 0:
+        return x, 0
+    if mode == "drop":
+        return x[~over], n
+    scale = torch.where(over, threshold / norms.clamp_min(1e-30), torch.ones_like(norms))
+    return x * scale[:, None], n
