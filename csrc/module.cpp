@@ -98,4 +98,7 @@ PYBIND11_MODULE(_C, m) {
         "The checked grid size of a CUDA launch (tests reach the host-side check through it).");
   m.def("set_sparse_strategy", &set_sparse_strategy, py::arg("mode"), py::arg("cpu_min_density"),
         py::arg("cuda_min_density"), py::arg("cuda_fp32_min_density"), py::arg("dense_block_bytes"));
+  // Validated in Python (dualenc_fast.ops.set_encode_block_bytes).
+  m.def("encode_block_bytes", []() { return dualenc_fast::sparse_strategy().encode_block_bytes; });
+  m.def("set_encode_block_bytes", [](int64_t n) { dualenc_fast::sparse_strategy().encode_block_bytes = n; });
 }

@@ -24,9 +24,11 @@ _ops = torch.ops.dualenc_fast
 
 __all__ = [
     "fm_interaction",
+    "encode_block_bytes",
     "index_checks",
     "integration_mlp",
     "integration_mlp_with_hidden",
+    "set_encode_block_bytes",
     "set_index_checks",
     "set_sparse_strategy",
     "sparse_decode",
@@ -162,6 +164,20 @@ def sparse_strategy_scope(mode: Optional[str] = None, **settings) -> Iterator[No
         yield
     finally:
         set_sparse_strategy(**before)
+
+
+def encode_block_bytes() -> int:
+    """See :func:`set_encode_block_bytes`."""
+    return int(_ext._C.encode_block_bytes())
+
+
+def set_encode_block_bytes(nbytes: int) -> None:
+    """``topk_encode`` on CUDA runs its encoder GEMM ``(x - pre_bias) @ W.T + b``
+    in row blocks whose ``[rows, F]`` pre-activations stay near ``nbytes``
+    (default 256 MiB; at least one row per block). Process-wide."""
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 1:
+        raise ValueError(f"dualenc_fast: argument 'nbytes' must be an int >= 1, got {nbytes!r}")
+    _ext._C.set_encode_block_bytes(nbytes)
 
 
 def _empty_or(t: Tensor, shape, needed: bool) -> Tensor:
