@@ -811,3 +811,24 @@ def test_cuda_grid_sizes_are_checked():
         check(2**31, "row_dot_kernel")
     with pytest.raises(ValueError, match=r"kernel gather_sum_kernel needs a grid of 0 blocks"):
         check(0, "gather_sum_kernel")
+    # every launch site takes its grid from checked_grid (blocks_for: the
+    # element-wise kernels' capped grid, itself checked)
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "ops" / "cuda"
+    sources = {p.name: p.read_text() for p in sorted(root.glob("*.cu*"))}
+    if not sources:
+        pytest.skip("CUDA sources not present")
+    assert "checked_grid(" in sources["integration_mlp_cuda.cu"].split("inline unsigned blocks_for", 1)[1][:300]
+    launches = 0
+    for name, text in sources.items():
+        for m in re.finditer(r"<<<|DUALENC_LAUNCH\(", text):
+            grid = text[m.end():].lstrip()
+            if m.group(0) != "<<<":
+                grid = grid.split(",", 1)[1].lstrip()  # DUALENC_LAUNCH(kernel, grid, ...)
+            if grid.startswith("grid, block"):
+                continue  # the macro's own definition
+            assert grid.startswith(("checked_grid(", "blocks_for(")), (name, grid[:60])
+            launches += 1
+    assert launches >= 10

@@ -226,7 +226,7 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cuda(const at::Tensor& x,       /
     const int64_t nr = std::min(rows, B - r0);
     const auto z = at::addmm(b, xe.narrow(0, r0, nr), Wt).contiguous();  // [nr, F]
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xe.scalar_type(), "topk_encode_cuda", [&] {
-      DUALENC_LAUNCH(topk_select_kernel<scalar_t>, static_cast<unsigned>(nr), kSelectThreads, 0, stream)(
+      DUALENC_LAUNCH(topk_select_kernel<scalar_t>, checked_grid(nr, "topk_select_kernel"), kSelectThreads, 0, stream)(
           z.const_data_ptr<scalar_t>(), values.mutable_data_ptr<scalar_t>() + r0 * k,
           indices.mutable_data_ptr<int64_t>() + r0 * k, F, k);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
