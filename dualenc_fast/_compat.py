@@ -1,6 +1,6 @@
 """The flat layout's module names, kept working on top of the subpackages.
 
-Three small pieces:
+Four small pieces:
 
 * :data:`ALIASES` - a module that moved whole (``dualenc_fast.checkpoint`` ->
   ``dualenc_fast.train.checkpoint``) is reachable under its old name through
@@ -16,6 +16,9 @@ Three small pieces:
   package sets it in the source module that defines it (deleting it again
   restores the replaced value), so ``monkeypatch.setattr(dualenc_fast.train,
   "evaluate", ...)`` still reaches the trainer.
+* :data:`SHARED` - the atomic-file helpers moved from ``train/checkpoint.py`` to
+  ``storage.py``; assigning one on the checkpoint module (a test that patches
+  ``checkpoint.save_file`` to fake a torn write) assigns it in ``storage`` too.
 * relative imports written for the flat layout inside a moved module
   (``from .modules import X`` in ``train/trainer.py``, ``from . import ops``,
   ``from . import __version__``) resolve to where those modules and names are
@@ -116,7 +119,7 @@ class _AliasLoader(importlib.abc.Loader):
 
 
 class AliasFinder(importlib.abc.MetaPathFinder):
-    """Finds the old names of :data:`ALIASES`."""
+    """Finds the old module names (:data:`ALIASES`, :func:`relative_aliases`)."""
 
     def find_spec(self, fullname, path=None, target=None):
         new = resolve(fullname)
@@ -159,7 +162,13 @@ class FacadeModule(types.ModuleType):
         old = relative_aliases().get(f"{self.__name__}.{name}")
         if old is not None and name != self.__name__.rpartition(".")[2]:  # ``from . import ops`` in a moved module
             return importlib.import_module(old)
-        if name.startswith("__") and name != "__all__":
+        if name == "__all__":  # ``from dualenc_fast.train import *`` as from the flat module
+            names = []
+            for src in self._facade_sources():
+                mod = importlib.import_module(src)
+                names += getattr(mod, "__all__", [n for n in mod.__dict__ if not n.startswith("_")])
+            return names
+        if name.startswith("__"):
             raise AttributeError(f"module {self.__name__!r} has no attribute {name!r}")
         for src in self._facade_sources():
             mod = importlib.import_module(src)
@@ -197,6 +206,31 @@ class FacadeModule(types.ModuleType):
             setattr(owner, name, replaced.pop(name))
         else:
             delattr(owner, name)
+
+
+# Names a module took over from another with the code that uses them: assigning one
+# on the old module (``monkeypatch.setattr(checkpoint, "save_file", ...)``) assigns it
+# in the new one too, as when both were one module.
+SHARED = {
+    "dualenc_fast.train.checkpoint": ("dualenc_fast.storage", (
+        "save_file", "load_file", "_atomic_write", "_fsync_dir", "_prepare", "atomic_write_bytes",
+        "atomic_write_text", "atomic_write_json", "atomic_save_tensors", "load_tensors", "read_json")),
+}
+
+
+class SharingModule(types.ModuleType):
+    """A module whose :data:`SHARED` names are assigned in their new module as well."""
+
+    def __setattr__(self, name: str, value):
+        super().__setattr__(name, value)
+        other, names = SHARED.get(self.__name__, (None, ()))
+        if name in names:
+            setattr(sys.modules[other], name, value)
+
+
+def share_names(module_name: str) -> None:
+    """Make the (importing) module ``module_name`` a :class:`SharingModule`."""
+    sys.modules[module_name].__class__ = SharingModule
 
 
 def _is_submodule(package, name: str, value) -> bool:

@@ -218,7 +218,7 @@ def import_sparsify(path, *, hookpoint: Optional[str] = None, backend: str = "au
 
 def import_saelens(path, *, backend: str = "auto", device="cpu", with_nfm: bool = True):
     """Read a SAELens TopK folder (``cfg.json`` + ``sae_weights.safetensors``); see
-    :func:`dualenc_fast.checkpoint.import_saelens`."""
+    :func:`dualenc_fast.train.checkpoint.import_saelens`."""
     from .train.checkpoint import import_saelens as _import
 
     path = Path(path)

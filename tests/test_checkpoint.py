@@ -7,7 +7,6 @@ import os
 import pytest
 import torch
 
-from dualenc_fast import storage as S
 from dualenc_fast.nn import modules as M
 from dualenc_fast.train import checkpoint as C
 
@@ -31,7 +30,7 @@ def test_atomic_write_interrupted_keeps_old_file(tmp_path, monkeypatch):
             fh.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(S, "save_file", torn)
+    monkeypatch.setattr(C, "save_file", torn)
     with pytest.raises(OSError):
         C.atomic_save_tensors(target, {"a": torch.zeros(3)})
     assert torch.equal(C.load_tensors(target)["a"], torch.ones(3))
@@ -94,7 +93,7 @@ def test_interrupted_checkpoint_leaves_previous_loadable(tmp_path, monkeypatch, 
     C.save_checkpoint(run, 1, model, opt, sched)
     snapshot = {k: v.clone() for k, v in model.state_dict().items()}
     _step(model, opt, sched)
-    real = S.save_file
+    real = C.save_file
     calls = {"n": 0}
 
     def dies_midway(tensors, path, metadata=None):
@@ -105,10 +104,10 @@ def test_interrupted_checkpoint_leaves_previous_loadable(tmp_path, monkeypatch, 
             raise KeyboardInterrupt
         return real(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(S, "save_file", dies_midway)
+    monkeypatch.setattr(C, "save_file", dies_midway)
     with pytest.raises(KeyboardInterrupt):
         C.save_checkpoint(run, 2, model, opt, sched)
-    monkeypatch.setattr(S, "save_file", real)
+    monkeypatch.setattr(C, "save_file", real)
     assert C.latest_checkpoint(run).name == "step_00000001"
     assert not any(p.name.startswith(".tmp") for p in (run / "checkpoints").iterdir())
     m2 = M.JointSAENFM(8, 32, 4, 6, backend="reference")

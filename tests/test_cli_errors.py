@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dualenc_fast import checkpoint as C
+from dualenc_fast import storage as S
 from dualenc_fast.cli import COMMANDS, build_parser, main
 from dualenc_fast.train.data import write_store
 
@@ -175,7 +175,7 @@ def test_disk_full_is_one_line(paths, capsys, monkeypatch, command):
     def full(*a, **k):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(C, "save_file", full)
+    monkeypatch.setattr(S, "save_file", full)
     argv = _train(paths, paths["acts"], "full_run") if command == "train" else _collect(paths)
     assert main(argv) == 2
     line = _error_line(capsys, command)
@@ -202,6 +202,7 @@ def test_subprocess_exit_status_and_stderr(paths):
     argv = [sys.executable, "-m", "dualenc_fast.cli", *_train(paths, paths["torn_shard"])]
     r = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=240, cwd=str(ROOT))
     assert r.returncode == 2
-    assert r.stderr.strip().count("\n") == 0 and "not a readable safetensors file" in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip() and not line.startswith("device: ")]
+    assert len(lines) == 1 and "not a readable safetensors file" in lines[0]
     r = subprocess.run(argv + ["--debug"], capture_output=True, text=True, env=env, timeout=240, cwd=str(ROOT))
     assert r.returncode != 0 and "Traceback" in r.stderr and "CorruptFileError" in r.stderr

@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dualenc_fast import checkpoint as C
+from dualenc_fast import storage as S
 from dualenc_fast.cli import main
+from dualenc_fast.train import checkpoint as C
 from dualenc_fast.train.data import write_store
 from dualenc_fast.errors import CheckpointError, CorruptFileError, DiskFullError
 from dualenc_fast.train import TrainConfig, read_metrics, train
@@ -61,7 +62,8 @@ def assert_same_run(run, ref):
 
 
 def stderr_lines(capsys):
-    return [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    """stderr less blank lines and the status line naming the device."""
+    return [line for line in capsys.readouterr().err.splitlines() if line.strip() and not line.startswith("device: ")]
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +217,7 @@ def test_disk_full_keeps_previous_checkpoint(runs, tmp_path, capsys, monkeypatch
     shutil.copytree(cut, run)
     for late in ("step_00000004", "step_00000006"):
         shutil.rmtree(run / "checkpoints" / late)  # resume from step 2; the step-4 checkpoint hits a full disk
-    real_save, real_fsync = C.save_file, os.fsync
+    real_save, real_fsync = S.save_file, os.fsync
 
     def save_file(tensors, path, metadata=None):
         if ".tmp-step_00000004" in str(path):
@@ -229,7 +231,7 @@ def test_disk_full_keeps_previous_checkpoint(runs, tmp_path, capsys, monkeypatch
         return real_fsync(fd)
 
     if where == "safetensors":
-        monkeypatch.setattr(C, "save_file", save_file)
+        monkeypatch.setattr(S, "save_file", save_file)
     else:
         monkeypatch.setattr(os, "fsync", fsync)
     capsys.readouterr()
@@ -318,10 +320,11 @@ KILLER = textwrap.dedent("""
     from pathlib import Path
     import torch
     torch.set_num_threads(1)
-    from dualenc_fast import checkpoint as C
+    from dualenc_fast import storage as S
     from dualenc_fast.cli import main
+    from dualenc_fast.train import checkpoint as C
     target = os.environ["DIE_WRITING"]  # die half-way through writing the file whose path ends so
-    real_write, real_rmtree = C._atomic_write, C.shutil.rmtree
+    real_write, real_rmtree = S._atomic_write, C.shutil.rmtree
 
     def die(path, writer):  # target "A*B": the path holds A and ends with B
         *inside, end = target.split("*")
@@ -339,7 +342,7 @@ KILLER = textwrap.dedent("""
             os.kill(os.getpid(), signal.SIGKILL)
         return real_rmtree(path, *a, **k)
 
-    C._atomic_write = die
+    S._atomic_write = die
     if target == "prune":
         C.shutil.rmtree = die_pruning
     sys.exit(main(sys.argv[1:]))

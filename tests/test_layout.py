@@ -64,7 +64,8 @@ def _layout_tables():
     except ImportError:
         return {}, {}, {}
     aliases = {**compat.relative_aliases(), **compat.ALIASES}
-    return aliases, {k: tuple(v) for k, v in compat.FACADES.items()}, dict(compat.ROOT_NAMES)
+    root_names = {**dict(compat.ROOT_NAMES), **{a: PKG for a in compat.ROOT_ATTRS}}
+    return aliases, {k: tuple(v) for k, v in compat.FACADES.items()}, root_names
 
 
 def import_graph(pkg_dir: Path = ROOT, tables=None) -> dict:
@@ -100,6 +101,8 @@ def import_graph(pkg_dir: Path = ROOT, tables=None) -> dict:
         b = canon(base)
         if b is None:
             return set()
+        if b in facades and attr in root_names and root_names[attr] == PKG:
+            return {PKG}  # ``from . import __version__`` in a moved module: the package root's
         if b in facades:
             for src in facades[b]:
                 if attr in defined.get(src, ()):
@@ -269,6 +272,25 @@ def test_cycle_finder_reports_a_cycle(tmp_path):
     assert cycles == [[f"{PKG}.a", f"{PKG}.sub.b", f"{PKG}.sub.c", f"{PKG}.a"]]
 
 
+def test_flat_layout_imports_in_moved_modules_resolve(tmp_path):
+    """Code written for the flat layout and merged into a moved module (relative
+    imports of old siblings, ``from . import __version__``) gets the edges of the
+    modules it reaches now, and no false cycle through a package facade."""
+    import shutil
+
+    pkg = tmp_path / PKG
+    shutil.copytree(ROOT, pkg, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    with open(pkg / "train" / "checkpoint.py", "a") as fh:
+        fh.write("\n\ndef _flat():\n    from . import __version__, ops\n    from .modules import build_model\n")
+    with open(pkg / "eval" / "metrics.py", "a") as fh:
+        fh.write("\n\ndef _flat():\n    from .checkpoint import load_tensors\n    from .integration import DEFAULT_STIMULI\n")
+    graph = import_graph(pkg)
+    assert {f"{PKG}", f"{PKG}.ops", f"{PKG}.nn.modules"} <= set(graph[f"{PKG}.train.checkpoint"])
+    assert f"{PKG}.train.trainer" not in graph[f"{PKG}.train.checkpoint"]
+    assert {f"{PKG}.train.checkpoint", f"{PKG}.analysis.integration"} <= set(graph[f"{PKG}.eval.metrics"])
+    assert not find_cycles(graph)
+
+
 # Every public name the flat layout exported, with where it lives now.
 OLD_TO_NEW = {
     "modules": "nn.modules",
@@ -328,6 +350,9 @@ def test_old_module_paths_reach_the_new_modules(old):
         assert ns["got"] is getattr(new, name), (old, name)
         exec(f"from {PKG}.{OLD_TO_NEW[old]} import {name} as got", ns)
         assert ns["got"] is getattr(new, name), (old, name)
+    star: dict = {}
+    exec(f"from {PKG}.{old} import *", star)
+    assert set(getattr(new, "__all__", names)) <= set(star), old
     # private helpers used by code written against the flat layout
     for private in {"eval": ["_LayerSplice", "demo_hook", "iter_batches", "eval_mode", "model_device_dtype"],
                     "train": ["ckpt", "import_saelens", "export_saelens"],
@@ -348,6 +373,26 @@ def test_patching_an_old_path_reaches_the_code_that_uses_it(monkeypatch):
     assert trainer.evaluate is not sentinel and T.evaluate is trainer.evaluate
 
 
+def test_patching_a_moved_helper_on_the_checkpoint_module(tmp_path, monkeypatch):
+    """The atomic writes moved to storage; a torn write faked through the checkpoint
+    module (as code written for the flat layout does) still reaches them."""
+    import torch
+
+    from dualenc_fast import checkpoint as C
+    from dualenc_fast import storage
+
+    def torn(tensors, path, metadata=None):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(C, "save_file", torn)
+    assert storage.save_file is torn
+    with pytest.raises(OSError, match="No space"):
+        C.atomic_save_tensors(tmp_path / "x.safetensors", {"a": torch.ones(2)})
+    monkeypatch.undo()
+    assert storage.save_file is C.save_file and storage.save_file is not torn
+    C.atomic_save_tensors(tmp_path / "x.safetensors", {"a": torch.ones(2)})
+
+
 def test_old_paths_work_in_a_fresh_interpreter():
     """The alias finder on its own, with nothing imported before."""
     import subprocess
@@ -361,10 +406,40 @@ def test_old_paths_work_in_a_fresh_interpreter():
             "assert m.__name__ == 'dualenc_fast.nn.modules'\n"
             "assert r.__spec__.name == 'dualenc_fast.eval.report'\n"
             "assert train.__module__ == 'dualenc_fast.train.trainer'\n"
+            "ns = {'__package__': 'dualenc_fast.train', '__name__': 'dualenc_fast.train._probe'}\n"
+            "exec('from . import __version__, ops\\nfrom .modules import build_model\\n"
+            "from .checkpoint import load_model\\nfrom .eval import splice_test', ns)\n"
+            "assert ns['ops'].__name__ == 'dualenc_fast.ops' and ns['__version__']\n"
+            "assert ns['build_model'].__module__ == 'dualenc_fast.nn.modules'\n"
             "print('ok')\n")
     env = dict(__import__("os").environ, PYTHONPATH=str(ROOT.parent))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_model_folders_without_the_trainer(tmp_path):
+    """nn.serialize reads what Module.load needs (model, checkpoint and finished run
+    folders) without train/; train.checkpoint.load_model reads the rest too."""
+    import torch
+
+    from dualenc_fast.nn.modules import JointSAENFM, TopKSparseAutoencoder
+    from dualenc_fast.train import checkpoint as C
+
+    torch.manual_seed(0)
+    sae = TopKSparseAutoencoder(6, 12, 3, backend="reference")
+    x = torch.randn(5, 6)
+    sae.save(tmp_path / "run" / "model")
+    C.save_checkpoint(tmp_path / "run", 3, sae)
+    step = C.latest_checkpoint(tmp_path / "run")
+    for folder in (tmp_path / "run" / "model", tmp_path / "run", step):
+        back = TopKSparseAutoencoder.load(folder, backend="reference")
+        assert torch.equal(back(x)[1], sae(x)[1]), folder
+    with pytest.raises(ValueError, match="not a JointSAENFM"):
+        JointSAENFM.load(tmp_path / "run")
+    C.save_checkpoint(tmp_path / "training", 1, sae)  # a run still in training: no model/ yet
+    with pytest.raises(FileNotFoundError, match="train.checkpoint.load_model"):
+        TopKSparseAutoencoder.load(tmp_path / "training")
+    assert torch.equal(C.load_model(tmp_path / "training", backend="reference")(x)[1], sae(x)[1])
 
 
 if __name__ == "__main__":  # pragma: no cover

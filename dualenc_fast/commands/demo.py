@@ -6,7 +6,7 @@ baseline), ``sequential`` and ``joint`` with equal step budgets, and prints a
 table of held-out MSE, FVU, error reduction vs the SAE and vs the SAE+bias
 baseline, and component shares. Everything goes to ``--out``.
 
-Hook for evaluation/analysis: after training, for each of ``dualenc_fast.eval``
+Hook for evaluation/analysis: after training, for each of ``dualenc_fast.eval`` (its hook is in ``eval.report``)
 and ``dualenc_fast.analysis`` that exists and defines ``demo_hook(context)``,
 the demo calls it with the context dict built in :func:`run_hooks` (LM,
 tokenizer, layer, activation store, trained models, run folders, output

@@ -32,7 +32,6 @@ def register(sub):
     )
     p.add_argument("--model", default="smollm2", help="'smollm2' or a local causal LM folder (default: smollm2)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per model (default: 3)")
     p.add_argument("--tokens", type=int, default=None,
                    help=f"training tokens per model: steps = tokens / rows per batch (default: "

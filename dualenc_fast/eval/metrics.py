@@ -19,10 +19,12 @@ the documented position) also works, see :func:`reconstruct`.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterable, Iterator, Mapping, Optional, Union
 
 import numpy as np
 import torch
+from torch import nn
 
 from ..lm import LayerSplice as _LayerSplice  # noqa: F401
 from ..nn.running import Activations, eval_mode, iter_batches, model_device_dtype  # noqa: F401

@@ -15,8 +15,8 @@ Over N tokens with inputs ``x`` and reconstructions ``x_hat`` (rows of ``[N, d]`
   **dead** latents never fire in the N tokens, **dense** latents fire on more
   than 10% of them (``DENSE_THRESHOLD``); SAELens stores
   ``log10(density + 1e-10)`` as ``sparsity.safetensors`` (written by
-  :func:`dualenc_fast.checkpoint.export_saelens` when given the density);
-- from the splice test (:func:`dualenc_fast.eval.splice_test`), with CE the
+  :func:`dualenc_fast.train.checkpoint.export_saelens` when given the density);
+- from the splice test (:func:`dualenc_fast.eval.metrics.splice_test`), with CE the
   next-token cross-entropy and KL the per-token ``KL(p_clean || p)``:
   ``ce_loss_score = (CE_zero - CE_sae) / (CE_zero - CE_clean)`` and
   ``kl_div_score = (KL_zero - KL_sae) / KL_zero``, "zero" being the language
@@ -65,33 +65,42 @@ class SAEMetrics:
         l0 / density)."""
         if x.shape != recon.shape or x.dim() != 2:
             raise ValueError(f"x and recon must both be [B, d], got {tuple(x.shape)} and {tuple(recon.shape)}")
-        x64 = x.detach().to("cpu", torch.float64)
-        r64 = recon.detach().to("cpu", torch.float64)
-        s = x64.sum(0)
-        self.sum_x = s if self.sum_x is None else self.sum_x + s
+        # reduce on the inputs' device in float64; only scalars, [d] and [F] vectors reach the host
+        dev = x.device
+        x64 = x.detach().to(torch.float64)
+        r64 = recon.detach().to(dev, torch.float64)
         nx = x64.norm(dim=-1)
         nr = r64.norm(dim=-1)
         dot = (x64 * r64).sum(-1)
-        self.sum_sq += float(nx.pow(2).sum())
-        self.sum_resid += float((x64 - r64).pow(2).sum())
-        self.sum_cos += float((dot / (nx * nr).clamp_min(1e-300)).sum())
-        self.sum_l2_ratio += float((nr / torch.where(nx.abs() < 1e-4, torch.ones_like(nx), nx)).sum())
-        self.sum_xhat_sq += float(nr.pow(2).sum())
-        self.sum_dot += float(dot.sum())
-        self.n += x.shape[0]
+        parts = [nx.pow(2).sum(), (x64 - r64).pow(2).sum(), (dot / (nx * nr).clamp_min(1e-300)).sum(),
+                 (nr / torch.where(nx.abs() < 1e-4, torch.ones_like(nx), nx)).sum(), nr.pow(2).sum(), dot.sum()]
+        counts = None
         if code is not None:
-            self._count(code, x.shape[0])
+            counts, active = self._count(code, x.shape[0], dev)
+            parts.append(active.to(torch.float64))
+        vals = torch.stack(parts).tolist()
+        s = x64.sum(0).cpu()
+        self.sum_x = s if self.sum_x is None else self.sum_x + s
+        self.sum_sq += vals[0]
+        self.sum_resid += vals[1]
+        self.sum_cos += vals[2]
+        self.sum_l2_ratio += vals[3]
+        self.sum_xhat_sq += vals[4]
+        self.sum_dot += vals[5]
+        self.n += x.shape[0]
+        if counts is not None:
+            self.counts += counts.cpu()
+            self.sum_l0 += vals[6]
         return self
 
-    def _count(self, code, rows: int) -> None:
+    def _count(self, code, rows: int, dev):
+        """(per-feature activation counts [F] int64, number of active entries) of one batch, on ``dev``."""
         if isinstance(code, torch.Tensor):
             if code.dim() != 2 or code.shape[0] != rows:
                 raise ValueError(f"a dense code must be [{rows}, F], got {tuple(code.shape)}")
-            active = code.detach() > 0
+            active = code.detach().to(dev) > 0
             self._ensure_counts(code.shape[1])
-            self.counts += active.sum(0).to("cpu", torch.int64)
-            self.sum_l0 += float(active.sum())
-            return
+            return active.sum(0).to(torch.int64), active.sum()
         if isinstance(code, (tuple, list)) and len(code) == 2:
             (values, indices), F = code, None
         elif isinstance(getattr(code, "values", None), torch.Tensor) and isinstance(getattr(code, "indices", None), torch.Tensor):
@@ -105,13 +114,14 @@ class SAEMetrics:
         if F is None:
             raise ValueError("pass num_features to SAEMetrics for a (values, indices) code")
         self._ensure_counts(F)
-        active = values.detach() > 0
-        idx = indices.detach()[active].to("cpu", torch.int64)
-        if idx.numel():
-            if int(idx.min()) < 0 or int(idx.max()) >= F:
-                raise IndexError(f"code indices must lie in [0, {F}), got [{int(idx.min())}, {int(idx.max())}]")
-            self.counts += torch.bincount(idx, minlength=F)
-        self.sum_l0 += float(active.sum())
+        active = values.detach().to(dev) > 0
+        idx = indices.detach().to(dev)[active].to(torch.int64)
+        if not getattr(code, "trusted", False) and idx.numel():
+            lo, hi = torch.aminmax(idx)
+            lo, hi = int(lo), int(hi)
+            if lo < 0 or hi >= F:
+                raise IndexError(f"code indices must lie in [0, {F}), got [{lo}, {hi}]")
+        return torch.bincount(idx, minlength=F)[:F], active.sum()
 
     def _ensure_counts(self, F: int) -> None:
         if self.counts is None:

@@ -4,7 +4,8 @@ Nothing here unpickles: ``torch.load`` is never used. Every file is written
 atomically (a temporary file in the same folder, ``fsync``, ``os.replace``),
 and a training checkpoint is a folder written under a temporary name and
 renamed into place, so an interrupted write leaves the previous checkpoint
-loadable.
+loadable. The atomic writes are :mod:`dualenc_fast.storage`'s and model folders
+(``save_model``) :mod:`dualenc_fast.nn.serialize`'s; both are importable from here.
 
 Layouts
 - model folder (``save_model``): ``config.json`` + ``model.safetensors`` with the
@@ -49,6 +50,10 @@ from ..nn.serialize import MODEL_FORMAT, load_verified_weights, save_model  # no
 from ..storage import (_atomic_write, _fsync_dir, _prepare, atomic_save_tensors, atomic_write_bytes,  # noqa: F401
                        atomic_write_json, atomic_write_text, file_record, file_sha256, load_tensors, read_json,
                        verify_file)
+
+from .._compat import share_names
+
+share_names(__name__)  # patching save_file, atomic_* here patches them in storage too
 
 CHECKPOINT_FORMAT = "dualenc_fast.checkpoint"
 FORMAT_VERSION = 1

@@ -391,7 +391,8 @@ class ActivationStore:
         """The activations of shard ``i`` in their stored dtype, memory-mapped from the
         file (safetensors maps it on the CPU; nothing is read until rows are touched,
         and processes reading the same shard share the page cache). Cached: the
-        ``cache_shards`` most recently used maps stay open."""
+        ``cache_shards`` most recently used maps stay open. Checked for NaN/Inf (and
+        its shape) once, the first time it is opened."""
         with self._lock:
             if i in self._cache:
                 self._cache.move_to_end(i)
@@ -401,6 +402,9 @@ class ActivationStore:
                 t = load_tensors(path)["activations"]
             except KeyError:
                 raise DataError(f"{path} holds no 'activations' tensor: not a dualenc_fast activation shard") from None
+            if i not in self._checked:
+                self._check_finite(i, path, t)
+                self._checked.add(i)
             self._cache[i] = t
             while len(self._cache) > self.cache_shards:
                 self._cache.popitem(last=False)
@@ -408,12 +412,8 @@ class ActivationStore:
 
     def shard(self, i: int) -> torch.Tensor:
         """The activations of shard ``i`` as float32 (a float32 shard stays memory-mapped;
-        16-bit shards are converted, a copy). Checked for NaN/Inf once, on first use."""
-        t = self.stored_shard(i)
-        if i not in self._checked:
-            self._check_finite(i, self.folder / self.shards[i]["file"], t)
-            self._checked.add(i)
-        return t.float()
+        16-bit shards are converted, a copy)."""
+        return self.stored_shard(i).float()
 
     def _check_finite(self, i: int, path: Path, t: torch.Tensor) -> None:
         """Raise :class:`DataError` naming the shard and row range if ``t`` holds NaN/Inf."""

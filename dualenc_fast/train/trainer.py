@@ -246,7 +246,7 @@ def evaluate(model, x: torch.Tensor, *, batch_size: int = 4096) -> dict:
     """Reconstruction metrics of ``model`` on ``x`` (eval mode): mse, fvu, l0,
     component magnitudes and shares, and for joint models the component ablation
     (mse of sae only, sae + linear, sae + interaction), and the standard SAE metrics of
-    :mod:`dualenc_fast.sae_metrics` (explained variance, cossim, l2 ratio, dead and dense latents)."""
+    :mod:`dualenc_fast.eval.sae_metrics` (explained variance, cossim, l2 ratio, dead and dense latents)."""
     from ..eval.sae_metrics import SAEMetrics
 
     std = SAEMetrics()
