@@ -71,6 +71,15 @@ def paths(tmp_path_factory):
         if "embed_tokens" in k:
             weights[k].fill_(float("nan"))
     save_file(weights, str(p["nan_lm"] / "model.safetensors"), metadata={"format": "pt"})
+    # a SAELens folder (exported from the model), and one with its weights cut short
+    from dualenc_fast.train.checkpoint import export_saelens, load_model
+
+    p["saelens"] = root / "saelens"
+    export_saelens(load_model(p["model"], backend="reference"), p["saelens"])
+    p["torn_saelens"] = root / "torn_saelens"
+    shutil.copytree(p["saelens"], p["torn_saelens"])
+    sw = p["torn_saelens"] / "sae_weights.safetensors"
+    sw.write_bytes(sw.read_bytes()[:200])
     p["text"] = root / "text.txt"
     p["text"].write_text("\n\n".join(TEXT * 3), encoding="utf-8")
     p["a_file"] = p["text"]
@@ -129,6 +138,20 @@ CASES = [
     ("demo", "wrong format", lambda p: ["demo", "--quick", "--model", str(p["acts"]), "--out",
                                        str(p["root"] / "d")], "is not a transformers model folder"),
     ("demo", "bad argument", lambda p: ["demo", "--quick", "--steps", "x"], "argument --steps: invalid int"),
+    ("reproduce", "missing folder", lambda p: ["reproduce", "--model", str(p["missing"]), "--out",
+                                              str(p["root"] / "r"), "--no-progress"], "does not exist"),
+    ("reproduce", "bad argument", lambda p: ["reproduce", "--out", str(p["root"] / "r"), "--seeds", "0"],
+     "--seeds must be positive"),
+    ("import", "missing folder", lambda p: ["import", str(p["missing"]), "--from", "sparsify", "--out",
+                                           str(p["root"] / "i")], "no sparsify SAE at"),
+    ("import", "wrong format", lambda p: ["import", str(p["acts"]), "--from", "saelens", "--out",
+                                         str(p["root"] / "i")], "needs cfg.json and sae_weights.safetensors"),
+    ("import", "bad argument", lambda p: ["import", str(p["saelens"]), "--from", "saelens", "--k", "3", "--out",
+                                         str(p["root"] / "i")], "--k applies to"),
+    ("import", "bad argument", lambda p: ["import", str(p["saelens"]), "--from", "nowhere", "--out",
+                                         str(p["root"] / "i")], "argument --from: invalid choice"),
+    ("import", "corrupt file", lambda p: ["import", str(p["torn_saelens"]), "--from", "saelens", "--out",
+                                         str(p["root"] / "i")], "sae_weights.safetensors is not a readable"),
     ("bench", "bad argument", lambda p: ["bench", "--config", "huge"], "unknown config 'huge'"),
     ("bench", "bad argument", lambda p: ["bench", "--paths", "fast"], "--paths: unknown path(s) ['fast']"),
     ("bench", "bad argument", lambda p: ["bench", "--repeats", "0"], "--repeats must be >= 1"),

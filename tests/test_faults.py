@@ -89,13 +89,16 @@ def corrupt(path: Path, fault: str) -> None:
         data = data[: len(data) // 2]
     elif fault == "truncate-empty":
         data = bytearray()
+    elif fault == "delete":
+        path.unlink()
+        return
     else:
         at = {"flip-first": 0, "flip-middle": len(data) // 2, "flip-last": len(data) - 1}[fault]
         data[at] ^= 0x04
     path.write_bytes(bytes(data))
 
 
-FAULTS = ["truncate-half", "truncate-empty", "flip-first", "flip-middle", "flip-last"]
+FAULTS = ["truncate-half", "truncate-empty", "flip-first", "flip-middle", "flip-last", "delete"]
 
 
 @pytest.mark.parametrize("fault", FAULTS)
@@ -145,6 +148,30 @@ def test_stale_or_corrupt_latest_pointer_is_harmless(runs, tmp_path, capsys):
     assert train_cli(acts, run, "--resume") == 0
     assert stderr_lines(capsys) == []
     assert_same_run(run, ref)
+
+
+def test_damaged_metrics_file(runs, tmp_path, capsys):
+    """A torn last line (a crash mid-write) is dropped quietly; a damaged line before it
+    is dropped with a warning naming it; every other row survives the resume."""
+    root, acts, ref, cut = runs
+    run = tmp_path / "run"
+    shutil.copytree(cut, run)
+    metrics = run / "metrics.jsonl"
+    with open(metrics, "a", encoding="utf-8") as fh:
+        fh.write('{"step": 7, "loss": 0.')
+    capsys.readouterr()
+    assert train_cli(acts, run, "--resume") == 0
+    assert stderr_lines(capsys) == []
+    assert_same_run(run, ref)
+    run2 = tmp_path / "run2"
+    shutil.copytree(cut, run2)
+    lines = (run2 / "metrics.jsonl").read_bytes().split(b"\n")
+    lines[1] = b"\xff" + lines[1][1:]  # not JSON any more
+    (run2 / "metrics.jsonl").write_bytes(b"\n".join(lines))
+    assert train_cli(acts, run2, "--resume") == 0
+    err = stderr_lines(capsys)
+    assert len(err) == 1 and "metrics.jsonl line 2 is unreadable: dropped" in err[0]
+    assert curve(run2) == curve(ref)[:1] + curve(ref)[2:]
 
 
 def test_load_checkpoint_and_load_model_verify(runs, tmp_path):
@@ -249,7 +276,7 @@ def test_disk_full_keeps_previous_checkpoint(runs, tmp_path, capsys, monkeypatch
 
 
 def test_disk_full_error_type(tmp_path, monkeypatch):
-    C.atomic_write_json(tmp_path / "a.json", {"v": 1})
+    S.atomic_write_json(tmp_path / "a.json", {"v": 1})
     real_open = open
 
     def full_open(path, mode="r", *a, **k):
@@ -261,7 +288,7 @@ def test_disk_full_error_type(tmp_path, monkeypatch):
 
     monkeypatch.setattr("builtins.open", full_open)
     with pytest.raises(DiskFullError) as exc:
-        C.atomic_write_json(tmp_path / "a.json", {"v": 2})
+        S.atomic_write_json(tmp_path / "a.json", {"v": 2})
     monkeypatch.undo()
     assert isinstance(exc.value, OSError) and exc.value.errno == errno.ENOSPC
     assert str(exc.value).startswith(f"no space left on the device while writing {tmp_path / 'a.json'}")
@@ -316,7 +343,7 @@ def test_really_full_tmpfs(runs, tmp_path, capsys):
 # --------------------------------------------------------------------------- killed processes
 
 KILLER = textwrap.dedent("""
-    import os, signal, sys, tempfile
+    import os, shutil, signal, sys, tempfile
     from pathlib import Path
     import torch
     torch.set_num_threads(1)
@@ -344,7 +371,7 @@ KILLER = textwrap.dedent("""
 
     S._atomic_write = die
     if target == "prune":
-        C.shutil.rmtree = die_pruning
+        shutil.rmtree = die_pruning
     sys.exit(main(sys.argv[1:]))
 """)
 

@@ -105,7 +105,7 @@ def test_rank0_only(acts, tmp_path, fake, monkeypatch):
 def test_missing_package_is_one_line(acts, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
     assert main(["train", "--activations", str(acts), "--out", str(tmp_path / "run"), *ARGS, "--wandb", "p"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and not line.startswith("device: ")]
     assert len(err) == 1 and "--wandb needs the wandb package" in err[0]
 
 

@@ -310,14 +310,18 @@ class _MetricsLog:
         if not self.path.exists():
             return
         keep = []
-        with open(self.path, encoding="utf-8") as fh:
-            for line in fh:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    break  # a torn last line
-                if row.get("step", 0) <= step and not row.get("final"):
-                    keep.append(line if line.endswith("\n") else line + "\n")
+        with open(self.path, encoding="utf-8", errors="replace") as fh:
+            lines = [line for line in fh if line.strip()]
+        for i, line in enumerate(lines):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                if i < len(lines) - 1:  # a torn last line is what a crash leaves; anything else is damage
+                    warnings.warn(ckpt.CheckpointWarning(f"{self.path} line {i + 1} is unreadable: dropped"),
+                                  stacklevel=3)
+                continue
+            if isinstance(row, dict) and row.get("step", 0) <= step and not row.get("final"):
+                keep.append(line if line.endswith("\n") else line + "\n")
         ckpt.atomic_write_text(self.path, "".join(keep))
 
     def write(self, row: dict) -> None:
@@ -410,10 +414,13 @@ def _prepare_run_dir(config: TrainConfig, store: ActivationStore, out_dir: Path,
             raise NoGoodCheckpointError(
                 f"cannot resume {out_dir}: it holds {', '.join(progress_found)} but no checkpoint; "
                 "pass overwrite (--overwrite) to start again from step 0")
+        from ..tracking import is_rank0
+
         for folder, reason in skipped:
-            moved = _set_aside(folder)
-            warnings.warn(ckpt.CheckpointWarning(f"skipping checkpoint {folder.name}: {reason} "
-                                                 f"(moved to {moved.name})"), stacklevel=2)
+            where = f" (moved to corrupt-{folder.name})" if is_rank0() else ""
+            if is_rank0():  # one process renames; the others only skip it
+                _set_aside(folder)
+            warnings.warn(ckpt.CheckpointWarning(f"skipping checkpoint {folder.name}: {reason}{where}"), stacklevel=2)
         if found is None:
             warnings.warn(ckpt.CheckpointWarning(f"nothing to resume in {out_dir}: starting a new run"), stacklevel=2)
     out_dir.mkdir(parents=True, exist_ok=True)
