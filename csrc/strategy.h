@@ -27,6 +27,10 @@ struct SparseStrategy {
   // The dense path works through the batch in row blocks whose dense [rows, F]
   // code stays near this size (at least one row).
   int64_t dense_block_bytes = int64_t{256} << 20;
+  // topk_encode on CUDA runs its encoder GEMM in row blocks whose [rows, F]
+  // pre-activations stay near this size (at least one row). Set from Python
+  // (dualenc_fast.ops.set_encode_block_bytes).
+  int64_t encode_block_bytes = int64_t{256} << 20;
 };
 
 SparseStrategy& sparse_strategy();

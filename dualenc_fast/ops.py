@@ -24,9 +24,11 @@ _ops = torch.ops.dualenc_fast
 
 __all__ = [
     "fm_interaction",
+    "encode_block_bytes",
     "index_checks",
     "integration_mlp",
     "integration_mlp_with_hidden",
+    "set_encode_block_bytes",
     "set_index_checks",
     "set_sparse_strategy",
     "sparse_decode",
@@ -164,6 +166,20 @@ def sparse_strategy_scope(mode: Optional[str] = None, **settings) -> Iterator[No
         set_sparse_strategy(**before)
 
 
+def encode_block_bytes() -> int:
+    """See :func:`set_encode_block_bytes`."""
+    return int(_ext._C.encode_block_bytes())
+
+
+def set_encode_block_bytes(nbytes: int) -> None:
+    """``topk_encode`` on CUDA runs its encoder GEMM ``(x - pre_bias) @ W.T + b``
+    in row blocks whose ``[rows, F]`` pre-activations stay near ``nbytes``
+    (default 256 MiB; at least one row per block). Process-wide."""
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 1:
+        raise ValueError(f"dualenc_fast: argument 'nbytes' must be an int >= 1, got {nbytes!r}")
+    _ext._C.set_encode_block_bytes(nbytes)
+
+
 def _empty_or(t: Tensor, shape, needed: bool) -> Tensor:
     return t.new_empty(shape) if needed else t.new_empty((0,))
 
@@ -241,6 +257,13 @@ def topk_encode(
     A NaN pre-activation ranks first, above ``+Inf`` (as :func:`torch.topk`;
     NaNs among themselves by lower index), and the NaN is returned in
     ``values``, so a loss built on them goes NaN.
+
+    In bfloat16 / float16 the pre-activation ``x @ weight.T + bias`` is
+    rounded once (the reference rounds the product, then the sum), so it may
+    differ from the reference's by one rounding (``eps * |z|``). Indices can
+    differ only there: the selected set is the reference's unless its k-th and
+    (k+1)-th values lie within one rounding of each other, and the order
+    differs only among neighbours within one rounding.
     """
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"dualenc_fast: argument 'k' must be an int, got {type(k).__name__} {k!r}")

@@ -435,6 +435,49 @@ def test_low_precision_accumulates_in_float32(device, dtype):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, pytest.param(torch.float16, marks=pytest.mark.cuda)])
+def test_low_precision_topk_indices_within_rounding_rule(device, dtype):
+    """16-bit topk_encode rounds x @ W.T + b once (CUDA: addmm; CPU: the
+    GEMM's rounding, then the bias added in float32) where the reference
+    rounds the GEMM and then the sum. The documented rule: the selected set
+    equals the reference's unless the reference's k-th and (k+1)-th values lie
+    within one rounding (eps * |value|) of each other; a row's order is the
+    reference's up to its first two neighbours within one rounding; every value is the reference's pre-activation at its index
+    within one rounding and no selected feature falls more than one rounding
+    below the reference's k-th value."""
+    g = torch.Generator().manual_seed(51)
+    B, d, F, k = 96, 32, 300, 20
+    lo = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    x = lo(torch.randn(B, d, generator=g))
+    w = lo(torch.randn(F, d, generator=g) / 4)
+    b = lo(torch.randn(F, generator=g) / 4 + 2)
+    v, i = ops.topk_encode(x, w, b, k)
+    z = torch.relu(x @ w.T + b)  # the reference's pre-activations: two roundings
+    zs, order = torch.sort(z, dim=1, descending=True, stable=True)
+    eps = torch.finfo(dtype).eps
+    zf, zsf, vf = z.float().cpu(), zs.float().cpu(), v.float().cpu()
+    i, order = i.cpu(), order.cpu()
+    exempt = identical = 0
+    for r in range(B):
+        kth, nxt = zsf[r, k - 1], zsf[r, k]
+        gap = eps * max(kth.abs(), nxt.abs())
+        at = zf[r, i[r]]
+        assert ((vf[r] - at).abs() <= eps * at.abs()).all(), r
+        assert (at >= kth - gap).all(), r
+        assert (vf[r][:-1] >= vf[r][1:]).all(), r  # sorted descending
+        if kth - nxt > gap:
+            assert set(i[r].tolist()) == set(order[r, :k].tolist()), r
+        else:
+            exempt += 1
+        # before the first step of one rounding or less, the order is the reference's
+        near = (zsf[r, :k] - zsf[r, 1:k + 1] <= eps * zsf[r, :k].abs()).nonzero()
+        p = int(near[0]) if len(near) else k
+        assert torch.equal(i[r, :p], order[r, :p]), r
+        identical += p
+    assert exempt < B and identical > B  # the rule leaves entries to check
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, pytest.param(torch.float16, marks=pytest.mark.cuda)])
 def test_low_precision_gradients(device, dtype, strategy):
     """sparse_decode's and topk_encode's gradients in 16 bits, gather and dense
     forms, against the float32 reference on the same rounded inputs."""
@@ -755,3 +798,37 @@ def test_index_checks_toggle():
     finally:
         ops.set_index_checks(True)
     assert ops.index_checks()
+
+
+def test_cuda_grid_sizes_are_checked():
+    """Every CUDA launch takes its gridDim.x from checked_grid (csrc/ops/grid.h):
+    sizes over 2^31 - 1 (or below 1) raise naming the kernel and the size
+    instead of wrapping in a cast to unsigned."""
+    check = ops._ext._C._checked_grid
+    assert check(1, "k") == 1
+    assert check(2**31 - 1, "k") == 2**31 - 1
+    with pytest.raises(ValueError, match=r"kernel row_dot_kernel needs a grid of 2147483648 blocks"):
+        check(2**31, "row_dot_kernel")
+    with pytest.raises(ValueError, match=r"kernel gather_sum_kernel needs a grid of 0 blocks"):
+        check(0, "gather_sum_kernel")
+    # every launch site takes its grid from checked_grid (blocks_for: the
+    # element-wise kernels' capped grid, itself checked)
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "ops" / "cuda"
+    sources = {p.name: p.read_text() for p in sorted(root.glob("*.cu*"))}
+    if not sources:
+        pytest.skip("CUDA sources not present")
+    assert "checked_grid(" in sources["integration_mlp_cuda.cu"].split("inline unsigned blocks_for", 1)[1][:300]
+    launches = 0
+    for name, text in sources.items():
+        for m in re.finditer(r"<<<|DUALENC_LAUNCH\(", text):
+            grid = text[m.end():].lstrip()
+            if m.group(0) != "<<<":
+                grid = grid.split(",", 1)[1].lstrip()  # DUALENC_LAUNCH(kernel, grid, ...)
+            if grid.startswith("grid, block"):
+                continue  # the macro's own definition
+            assert grid.startswith(("checked_grid(", "blocks_for(")), (name, grid[:60])
+            launches += 1
+    assert launches >= 10

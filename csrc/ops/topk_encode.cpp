@@ -3,7 +3,10 @@
 // Tie rule: equal pre-activations rank by lower feature index; each output row
 // is sorted by value descending, then index ascending. A NaN pre-activation
 // ranks first, above +Inf (as torch.topk; NaNs among themselves by lower
-// index), and the NaN is written to `values`: CPU and CUDA alike.
+// index), and the NaN is written to `values`: CPU and CUDA alike. In 16 bits
+// x @ weight.T + bias is rounded once (CUDA addmm; CPU GEMM then a float32
+// bias add) where the reference rounds twice: indices may differ from the
+// reference's only between values within one rounding of each other (README).
 #include "ops/topk_encode.h"
 
 #include <ATen/ops/empty.h>

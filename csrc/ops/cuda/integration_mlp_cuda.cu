@@ -14,8 +14,11 @@ namespace {
 
 constexpr int kThreads = 256;
 
+// The grid of the grid-stride element-wise kernels: at most 65536 blocks,
+// checked like every launch.
 inline unsigned blocks_for(int64_t n) {
-  return static_cast<unsigned>(std::min<int64_t>(ceil_div(n, kThreads), int64_t(1) << 16));
+  return checked_grid(std::min<int64_t>(ceil_div(n, kThreads), int64_t(1) << 16),
+                      "apply_dropout_kernel/relu_kernel/relu_backward_kernel");
 }
 
 template <typename scalar_t>
@@ -61,7 +64,7 @@ at::Tensor apply_dropout_cuda(const at::Tensor& p, const at::Tensor& mask, doubl
   if (n == 0) return out;
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "apply_dropout_cuda", [&] {
-    apply_dropout_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
+    DUALENC_LAUNCH(apply_dropout_kernel<scalar_t>, blocks_for(n), kThreads, 0, stream)(
         x.const_data_ptr<scalar_t>(), m.const_data_ptr<bool>(), out.mutable_data_ptr<scalar_t>(),
         static_cast<at::opmath_type<scalar_t>>(scale), n);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -76,7 +79,7 @@ at::Tensor relu_cuda(const at::Tensor& hidden_pre) {
   if (n == 0) return out;
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "relu_cuda", [&] {
-    relu_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(x.const_data_ptr<scalar_t>(),
+    DUALENC_LAUNCH(relu_kernel<scalar_t>, blocks_for(n), kThreads, 0, stream)(x.const_data_ptr<scalar_t>(),
                                                                     out.mutable_data_ptr<scalar_t>(), n);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -95,7 +98,7 @@ std::tuple<at::Tensor, at::Tensor> relu_backward_cuda(const at::Tensor& dh, cons
   if (n == 0) return {dpre, h};
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "relu_backward_cuda", [&] {
-    relu_backward_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
+    DUALENC_LAUNCH(relu_backward_kernel<scalar_t>, blocks_for(n), kThreads, 0, stream)(
         g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
         extra ? gx.const_data_ptr<scalar_t>() : nullptr, dpre.mutable_data_ptr<scalar_t>(),
         h.mutable_data_ptr<scalar_t>(), n);
