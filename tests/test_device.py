@@ -167,16 +167,35 @@ def test_no_host_read_inside_a_step(store, tmp_path, monkeypatch, kind):
     assert set(read_points) <= allowed, read_points
 
 
-@pytest.mark.parametrize("backend,window", [("reference", "1-5"), ("auto", "1-1")])
-def test_nan_found_at_the_read_names_the_step(tmp_path, backend, window):
-    """The reference ops run on with NaN until the read at step 5; the compiled topk_encode
-    rejects NaN input at step 2, and the trainer then reads the pending losses first."""
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_nan_found_at_the_read_names_the_step(tmp_path, backend):
+    """The loss goes non-finite at step 1; the trainer finds it at the read after step 5."""
     x = torch.randn(400, D_)
     x[::7] *= 1e20  # some batches overflow float32 squares
     s = write_store(x, tmp_path / "huge")
-    with pytest.raises(TrainingDiverged, match=rf"at step 1 .*steps {window} .*every 5 steps"):
+    with pytest.raises(TrainingDiverged, match=r"at step 1 .*steps 1-5 .*every 5 steps"):
         train(cfg(log_every=5, backend=backend), s, tmp_path / "run", progress=False, device="cpu")
     assert not (tmp_path / "run" / "checkpoints").exists()  # nothing saved past the divergence
+
+
+def test_a_step_error_after_an_unread_divergence_reports_the_divergence(tmp_path, monkeypatch):
+    """An op that rejects the NaN weights of step 2 (a ValueError) is reported as the
+    divergence of step 1, read back before the error propagates."""
+    x = torch.randn(400, D_)
+    x[::7] *= 1e20
+    s = write_store(x, tmp_path / "huge")
+    orig, calls = df.JointSAENFM.forward_sparse, []
+
+    def forward_sparse(self, inp):
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("an op found NaN input")
+        return orig(self, inp)
+
+    monkeypatch.setattr(df.JointSAENFM, "forward_sparse", forward_sparse)
+    with pytest.raises(TrainingDiverged, match=r"at step 1 .*steps 1-1 ") as info:
+        train(cfg(log_every=5), s, tmp_path / "run", progress=False, device="cpu")
+    assert "an op found NaN input" in str(info.value.__context__)
 
 
 @pytest.mark.cuda
