@@ -75,7 +75,7 @@ fi
 
 if want test; then
   log "test: op tests (CPU and CUDA)"
-  run tests 300 "$PY" -m pytest tests/test_ops.py tests/test_reference.py -q -p no:cacheprovider
+  run tests 300 "$PY" -m pytest tests/test_ops.py tests/test_cuda_large.py tests/test_reference.py -q -p no:cacheprovider
 fi
 
 if want sanitize; then

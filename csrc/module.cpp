@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "ops/grid.h"
 #include "strategy.h"
 
 #ifndef DUALENC_VERSION
@@ -89,6 +90,15 @@ PYBIND11_MODULE(_C, m) {
         py::overload_cast<bool, bool, bool, int64_t, int64_t, int64_t>(&dualenc_fast::use_dense_path),
         py::arg("on_cpu"), py::arg("half_or_bf16"), py::arg("is_float32"), py::arg("B"), py::arg("k"),
         py::arg("F"), "Whether the sparse ops would take the dense path for such a code.");
+  m.def("sparse_form",
+        &dualenc_fast::sparse_form,
+        py::arg("on_cpu"), py::arg("half_or_bf16"), py::arg("is_float32"), py::arg("B"), py::arg("k"),
+        py::arg("F"), "The form a forward records for its backward: 0 gather, n > 0 dense in n-byte blocks.");
+  m.def("_checked_grid", &dualenc_fast::checked_grid, py::arg("blocks"), py::arg("kernel"),
+        "The checked grid size of a CUDA launch (tests reach the host-side check through it).");
   m.def("set_sparse_strategy", &set_sparse_strategy, py::arg("mode"), py::arg("cpu_min_density"),
         py::arg("cuda_min_density"), py::arg("cuda_fp32_min_density"), py::arg("dense_block_bytes"));
+  // Validated in Python (dualenc_fast.ops.set_encode_block_bytes).
+  m.def("encode_block_bytes", []() { return dualenc_fast::sparse_strategy().encode_block_bytes; });
+  m.def("set_encode_block_bytes", [](int64_t n) { dualenc_fast::sparse_strategy().encode_block_bytes = n; });
 }

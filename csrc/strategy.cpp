@@ -1,6 +1,7 @@
 #include "strategy.h"
 
 #include <ATen/Context.h>
+#include <c10/util/Exception.h>
 
 namespace dualenc_fast {
 
@@ -23,6 +24,17 @@ bool use_dense_path(const at::Tensor& like, int64_t k, int64_t F) {
   const auto t = like.scalar_type();
   return use_dense_path(like.is_cpu(), t == at::kHalf || t == at::kBFloat16, t == at::kFloat, like.size(0), k,
                         F);
+}
+
+int64_t sparse_form(bool on_cpu, bool half_or_bf16, bool is_float32, int64_t B, int64_t k, int64_t F) {
+  return use_dense_path(on_cpu, half_or_bf16, is_float32, B, k, F) ? sparse_strategy().dense_block_bytes : 0;
+}
+
+int64_t resolve_sparse_form(int64_t recorded, const at::Tensor& like, int64_t k, int64_t F) {
+  TORCH_CHECK_VALUE(recorded >= -1, "dualenc_fast: argument 'sparse_form' must be -1 (the current ",
+                    "strategy), 0 (gather) or a dense block size in bytes > 0, got ", recorded);
+  if (recorded >= 0) return recorded;
+  return use_dense_path(like, k, F) ? sparse_strategy().dense_block_bytes : 0;
 }
 
 }  // namespace dualenc_fast

@@ -27,6 +27,10 @@ struct SparseStrategy {
   // The dense path works through the batch in row blocks whose dense [rows, F]
   // code stays near this size (at least one row).
   int64_t dense_block_bytes = int64_t{256} << 20;
+  // topk_encode on CUDA runs its encoder GEMM in row blocks whose [rows, F]
+  // pre-activations stay near this size (at least one row). Set from Python
+  // (dualenc_fast.ops.set_encode_block_bytes).
+  int64_t encode_block_bytes = int64_t{256} << 20;
 };
 
 SparseStrategy& sparse_strategy();
@@ -36,5 +40,14 @@ SparseStrategy& sparse_strategy();
 bool use_dense_path(bool on_cpu, bool half_or_bf16, bool is_float32, int64_t B, int64_t k, int64_t F);
 // The same for a code held in `like` ([B, k]).
 bool use_dense_path(const at::Tensor& like, int64_t k, int64_t F);
+
+// The form of a sparse product as one integer, so that a forward can record
+// it and its backward use the very same (the strategy is process-wide and may
+// change in between): 0 = gather, n > 0 = dense in row blocks of about n bytes.
+int64_t sparse_form(bool on_cpu, bool half_or_bf16, bool is_float32, int64_t B, int64_t k, int64_t F);
+// A backward op's `sparse_form` argument: the recorded form (>= 0) as is, or,
+// for -1, the form the current strategy picks for a code held in `like`.
+// Anything else raises naming the argument.
+int64_t resolve_sparse_form(int64_t recorded, const at::Tensor& like, int64_t k, int64_t F);
 
 }  // namespace dualenc_fast

@@ -60,7 +60,7 @@ def registered_ops() -> dict:
 
 def build_info() -> dict:
     """Package version, the torch built against, CUDA status and registered ops."""
-    from . import __version__
+    from ._version import __version__
 
     info = {
         "version": __version__,

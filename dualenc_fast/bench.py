@@ -151,7 +151,7 @@ def build_step(path: str, s: Shape, device, dtype) -> Callable[[torch.Tensor], f
         params = list(model.parameters())
         fwd = lambda x: model(x)[0]  # noqa: E731
     elif path == "module":
-        from .modules import JointSAENFM
+        from .nn.modules import JointSAENFM
 
         torch.manual_seed(0)
         model = JointSAENFM(s.d, s.F, s.k, s.K, top_n=s.N if s.N < s.k else None, dropout=0.15, backend="fused")

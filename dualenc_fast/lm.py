@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -56,6 +56,11 @@ def load_causal_lm(model: str = "smollm2", *, gguf_file: Optional[str] = None,
         folder = Path(model)
         if not folder.is_dir():
             raise FileNotFoundError(f"model folder {model!r} does not exist (nothing is fetched from a hub)")
+        if not gguf_file and not (folder / "config.json").exists():
+            from .errors import UserError
+
+            raise UserError(f"{folder} is not a transformers model folder (no config.json): pass a folder saved "
+                            "with save_pretrained(), or 'smollm2'")
     kwargs = {"local_files_only": True}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
@@ -90,3 +95,23 @@ def replace_layer_output(output, hidden: torch.Tensor):
     if isinstance(output, list):
         return [hidden] + list(output[1:])
     return hidden
+
+
+class LayerSplice:
+    """A forward hook on one decoder layer that records and/or replaces its output."""
+
+    def __init__(self, layer_module: nn.Module):
+        self.module = layer_module
+        self.captured: Optional[torch.Tensor] = None
+        self.replace: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+        self.handle = layer_module.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output):
+        h = layer_output(output)
+        if self.replace is None:
+            self.captured = h.detach()
+            return None
+        return replace_layer_output(output, self.replace(h))
+
+    def remove(self):
+        self.handle.remove()

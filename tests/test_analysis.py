@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from dualenc_fast import analysis as A
+from dualenc_fast.analysis import weights as A
 from dualenc_fast.reference import JointSAENFM, TopKSparseAutoencoder
 
 N_SIM = 200  # Monte-Carlo samples for the dip p-value in tests
@@ -157,7 +157,7 @@ def test_contributions_of_sae_only_have_no_ratios():
 
 
 def test_fused_module_orientation_matches_reference():
-    from dualenc_fast.modules import JointSAENFM as FusedJoint
+    from dualenc_fast.nn.modules import JointSAENFM as FusedJoint
 
     torch.manual_seed(0)
     ref = JointSAENFM(6, 10, 2, 3)

@@ -59,6 +59,7 @@ def test_collect_then_train_then_errors(assets, capsys):
     assert line["kind"] == "joint" and line["steps"] == 6
     assert (run / "model" / "model.safetensors").exists() and (run / "metrics.jsonl").exists()
     assert (root / "saelens" / "sae_weights.safetensors").exists() and (root / "saelens" / "cfg.json").exists()
+    assert (root / "saelens" / "sparsity.safetensors").exists()  # SAELens's log10 feature density
     # errors that say what to fix (in process: same code path as the console script)
     assert main(["train", "--activations", str(root / "missing"), "--out", str(root / "r2")]) == 2
     assert "dualenc collect" in capsys.readouterr().err

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from dualenc_fast import data as D
+from dualenc_fast.train import data as D
 from dualenc_fast.lm import decoder_layers, load_causal_lm
 
 from tinylm import TEXT, build_tiny_lm

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from dualenc_fast import eval as E
-from dualenc_fast import integration as I
+from dualenc_fast.analysis import integration as I
+from dualenc_fast.eval import metrics as E
 from dualenc_fast.reference import JointSAENFM, TopKSparseAutoencoder
 
 D = 32
@@ -91,7 +91,7 @@ def test_component_ablation_matches_model_outputs():
 
 
 def test_fused_modules_give_the_reference_components():
-    from dualenc_fast.modules import JointSAENFM as FusedJoint
+    from dualenc_fast.nn.modules import JointSAENFM as FusedJoint
 
     ref = _joint()
     fused = FusedJoint(D, 96, 6, 8, backend="reference")
@@ -283,7 +283,7 @@ def test_default_stimuli_are_a_2x2_design():
 # ----------------------------------------------------------------------------- report and CLI
 
 def test_write_report_with_lm(tiny_lm, tmp_path):
-    from dualenc_fast.report import write_report
+    from dualenc_fast.eval.report import write_report
 
     torch.manual_seed(0)
     models = {"sae": TopKSparseAutoencoder(D, 96, 6), "joint": _joint()}
@@ -305,9 +305,9 @@ def test_write_report_with_lm(tiny_lm, tmp_path):
 
 def test_cli_analyze_and_eval(tmp_path, capsys):
     from dualenc_fast.cli import main
-    from dualenc_fast.data import write_store
-    from dualenc_fast.modules import JointSAENFM as FusedJoint
-    from dualenc_fast.modules import TopKSparseAutoencoder as FusedSAE
+    from dualenc_fast.nn.modules import JointSAENFM as FusedJoint
+    from dualenc_fast.nn.modules import TopKSparseAutoencoder as FusedSAE
+    from dualenc_fast.train.data import write_store
 
     torch.manual_seed(0)
     write_store(torch.randn(1000, 16), tmp_path / "store")

@@ -1,4 +1,4 @@
-"""dualenc_fast.modules against the reference modules: init, state_dict, outputs, gradients, options."""
+"""dualenc_fast.nn.modules against the reference modules: init, state_dict, outputs, gradients, options."""
 from __future__ import annotations
 
 import importlib.util
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import dualenc_fast
-from dualenc_fast import modules as M
+from dualenc_fast.nn import modules as M
 from dualenc_fast.reference import functional as RF
 from dualenc_fast.reference import modules as R
 
@@ -184,6 +184,52 @@ def test_own_codes_skip_index_checks_and_foreign_codes_keep_them(monkeypatch):
     bad = M.SparseCode(out.code.values, out.code.indices + F, F)
     with pytest.raises(IndexError, match="must hold feature indices"):
         m.decode(bad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_top_n_of_a_sorted_code_is_a_narrow(backend, monkeypatch):
+    """Codes from encode() come sorted (value descending, index ascending), so
+    the NFM's top-N re-selection is their first N columns: topn_reselect is not
+    called, and outputs and gradients equal the re-selecting path's. A code not
+    known sorted still goes through topn_reselect."""
+    torch.manual_seed(0)
+    m = M.JointSAENFM(d, F, k, K, top_n=4, backend=backend).eval()
+    x = torch.randn(7, d)
+    code = m.encode(x)
+    assert code.sorted and code.trusted
+    fn = m.nfm._fn
+    calls = []
+
+    class Spy:  # the ops namespace, counting topn_reselect calls
+        def __getattr__(self, name):
+            attr = getattr(fn, name)
+            if name != "topn_reselect":
+                return attr
+
+            def spy(*a, **kw):
+                calls.append(name)
+                return attr(*a, **kw)
+
+            return spy
+
+    monkeypatch.setattr(M._Common, "_fn", property(lambda self: Spy()))
+    params = list(m.nfm.parameters())
+    v = code.values.detach().requires_grad_(True)
+    fast = m.nfm.forward_sparse(M.SparseCode(v, code.indices, F, trusted=True, sorted=True))
+    g_fast = torch.autograd.grad(fast.out.sum(), [v] + params, allow_unused=True)
+    assert calls == []
+    v2 = code.values.detach().requires_grad_(True)
+    slow = m.nfm.forward_sparse(M.SparseCode(v2, code.indices, F, trusted=True))
+    g_slow = torch.autograd.grad(slow.out.sum(), [v2] + params, allow_unused=True)
+    assert calls == ["topn_reselect"]
+    for a, b in zip(fast, slow):
+        assert torch.equal(a, b)
+    for a, b in zip(g_fast, g_slow):
+        torch.testing.assert_close(a, b)
+    # the op itself on a sorted code is the narrow
+    nv, ni = fn.topn_reselect(code.values, code.indices, 4)
+    assert torch.equal(nv, code.values[:, :4]) and torch.equal(ni, code.indices[:, :4])
+    assert not M.SparseCode(code.values, code.indices, F).sorted  # a hand-built code is not assumed sorted
 
 
 @pytest.mark.cuda

@@ -169,16 +169,94 @@ def test_topk_encode_gradcheck(strategy):
     )
 
 
-def test_topk_encode_nan_raises():
-    x = torch.tensor([[float("nan"), 1.0]])
-    with pytest.raises(ValueError, match="NaN"):
-        ops.topk_encode(x, torch.ones(4, 2), torch.zeros(4), 2)
-    # a NaN among the values scanned after the heap fills (in a full block of 16 and in the tail)
-    for where in (40, 69):
-        bias = torch.zeros(70)
-        bias[where] = float("nan")
-        with pytest.raises(ValueError, match="NaN"):
-            ops.topk_encode(torch.ones(3, 2), torch.ones(70, 2), bias, 2)
+@pytest.mark.parametrize("wanted", ["pre", "w_b_pre", "x_pre"])
+def test_topk_encode_pre_bias_gradient_builds_no_dx(wanted, strategy, monkeypatch):
+    """The pre_bias gradient is -(grad_bias @ weight): when x needs no gradient
+    the backward op is not asked for the [B, d] dx (or not called at all when
+    only pre_bias needs one). Against the reference's autograd and gradcheck."""
+    g = torch.Generator().manual_seed(41)
+    x = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    w = torch.randn(13, 5, generator=g, dtype=torch.float64)
+    b = torch.randn(13, generator=g, dtype=torch.float64)
+    pre = torch.randn(5, generator=g, dtype=torch.float64)
+    flags = {"pre": (0, 0, 0, 1), "w_b_pre": (0, 1, 1, 1), "x_pre": (1, 0, 0, 1)}[wanted]
+    up = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    seen = []
+    real = ops._ops
+
+    class Spy:  # torch.ops.dualenc_fast, recording need_x_grad of the backward op
+        def __getattr__(self, name):
+            attr = getattr(real, name)
+            if name != "topk_encode_backward":
+                return attr
+
+            class Op:
+                @staticmethod
+                def default(*a, **kw):
+                    seen.append(a[6])
+                    return attr.default(*a, **kw)
+
+            return Op
+
+    monkeypatch.setattr(ops, "_ops", Spy())
+    ins = [t.clone().requires_grad_(bool(f)) for t, f in zip((x, w, b, pre), flags)]
+    v, _ = ops.topk_encode(ins[0], ins[1], ins[2], 4, pre_bias=ins[3])
+    diff = [t for t in ins if t.requires_grad]
+    got = torch.autograd.grad(v, diff, up)
+    assert seen == ([] if wanted == "pre" else [wanted == "x_pre"])
+    rins = [t.clone().requires_grad_(bool(f)) for t, f in zip((x, w, b, pre), flags)]
+    rv, _ = R.topk_encode(rins[0], rins[1], rins[2], 4, pre_bias=rins[3])
+    want = torch.autograd.grad(rv, [t for t in rins if t.requires_grad], up)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, **tol(torch.float64))
+    monkeypatch.undo()
+    fixed = [x, w, b, pre]
+
+    def fn(*t):
+        it = iter(t)
+        args = [next(it) if f else a for a, f in zip(fixed, flags)]
+        return ops.topk_encode(args[0], args[1], args[2], 4, pre_bias=args[3])[0]
+
+    assert torch.autograd.gradcheck(fn, tuple(leaf(a) for a, f in zip(fixed, flags) if f))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_topk_encode_nan_ranks_first(device, dtype):
+    """A NaN pre-activation ranks first, above +Inf, NaNs among themselves by
+    lower index, and the NaN is written to values, as in the reference
+    (torch.sort / torch.topk); its gradient passes as through torch's ReLU.
+    NaNs sit in the first k columns (before the heap fills), in a full block
+    of 16 after it, in the tail, and outnumber k in one row."""
+    F, k = 70, 4
+    bias = torch.zeros(6, F)
+    bias[:, 10:20] = torch.linspace(1, 2, 10)
+    nan, inf = float("nan"), float("inf")
+    bias[0, 2] = nan               # before the heap fills
+    bias[1, 40] = nan              # a full block of 16 after the heap fills
+    bias[2, 69] = nan              # the tail
+    bias[3, [5, 33, 50, 51, 68]] = nan  # more NaNs than k
+    bias[4, 30], bias[4, 60] = inf, nan  # NaN above +Inf
+    bias[5, 0], bias[5, 1] = nan, -1.0   # rows of NaN and negatives
+    x = torch.ones(6, 1, dtype=torch.float64)
+    w = torch.ones(F, 1, dtype=torch.float64)
+    for r in range(6):  # bias is [F]: one row per call
+        lo = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+        ins = [leaf(lo(x[r:r + 1] * 0)), leaf(lo(w)), leaf(lo(bias[r]))]
+        v, i = ops.topk_encode(*ins, k)
+        rins = [leaf(lo(x[r:r + 1] * 0)), leaf(lo(w)), leaf(lo(bias[r]))]
+        rv, ri = R.topk_encode(*rins, k)
+        assert torch.equal(i, ri), (r, i, ri)
+        torch.testing.assert_close(v, rv, equal_nan=True)
+        assert v.isnan().any()
+        up = torch.arange(1.0, k + 1).reshape(1, k).to(device=device, dtype=dtype)
+        got = torch.autograd.grad(v, ins, up)
+        want = torch.autograd.grad(rv, rins, up)
+        for a, e in zip(got, want):
+            torch.testing.assert_close(a, e, equal_nan=True)
+    # the whole loss goes NaN: what the trainer's NaN guard watches
+    v, _ = ops.topk_encode(torch.ones(2, 1), torch.ones(F, 1), bias[1], k)
+    assert torch.isnan(v.sum())
 
 
 def test_topk_encode_late_winners_in_blocks():
@@ -245,6 +323,34 @@ def test_integration_mlp_matches_reference(device, dtype, B, mode):
     ref, rgr = grads(lambda *a: R.integration_mlp(*a, rate, training, mask=mask), [leaf(t) for t in inputs], up)
     torch.testing.assert_close(out, ref, **tol(dtype))
     assert_close_all(gr, rgr, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["eval", "dropout", "drop_all"])
+def test_integration_mlp_keeps_nan_as_torch(device, mode):
+    """relu(NaN) = NaN, a dropped NaN or Inf is NaN (x * 0) and a rate of 1
+    gives zeros, as the reference: a NaN reaches the loss instead of
+    vanishing. NaN in p at a dropped and at a kept entry, and in b1."""
+    B, K, H, d = 4, 6, 5, 3
+    p, w1, b1, w2, b2 = mlp_inputs(B, K, H, d, device, torch.float32)
+    rate, training = {"eval": (0.0, False), "dropout": (0.5, True), "drop_all": (1.0, True)}[mode]
+    mask = torch.ones(B, K, dtype=torch.bool, device=device)
+    mask[0, 1] = mask[1, 2] = False
+    p[0, 1] = float("nan")   # dropped
+    p[1, 2] = float("inf")   # dropped: inf * 0 = NaN
+    p[2, 3] = float("nan")   # kept
+    b1_nan = b1.clone()
+    b1_nan[4] = float("nan")  # one hidden unit NaN for every row
+    up = torch.randn(B, d, generator=torch.Generator().manual_seed(3)).to(device)
+    for bias1 in (b1, b1_nan):
+        ins = [p, w1, bias1, w2, b2]
+        out, gr = grads(lambda *a: ops.integration_mlp(*a, rate, training, mask=mask), [leaf(t) for t in ins], up)
+        ref, rgr = grads(lambda *a: R.integration_mlp(*a, rate, training, mask=mask), [leaf(t) for t in ins], up)
+        assert out.isnan().any() or mode == "drop_all"
+        torch.testing.assert_close(out, ref, equal_nan=True, **tol(torch.float32))
+        for a, e in zip(gr, rgr):
+            e = torch.zeros_like(a) if e is None else e  # rate 1: p does not reach the reference's output
+            torch.testing.assert_close(a, e, equal_nan=True, **tol(torch.float32))
 
 
 def test_integration_mlp_seeded_mask_matches_reference():
@@ -325,6 +431,49 @@ def test_low_precision_accumulates_in_float32(device, dtype):
     rv, ri = R.topk_encode(x, w, torch.zeros(F, device=device), 3)
     assert torch.equal(i, ri)
     torch.testing.assert_close(v.float(), rv, **tol(dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, pytest.param(torch.float16, marks=pytest.mark.cuda)])
+def test_low_precision_topk_indices_within_rounding_rule(device, dtype):
+    """16-bit topk_encode rounds x @ W.T + b once (CUDA: addmm; CPU: the
+    GEMM's rounding, then the bias added in float32) where the reference
+    rounds the GEMM and then the sum. The documented rule: the selected set
+    equals the reference's unless the reference's k-th and (k+1)-th values lie
+    within one rounding (eps * |value|) of each other; a row's order is the
+    reference's up to its first two neighbours within one rounding; every value is the reference's pre-activation at its index
+    within one rounding and no selected feature falls more than one rounding
+    below the reference's k-th value."""
+    g = torch.Generator().manual_seed(51)
+    B, d, F, k = 96, 32, 300, 20
+    lo = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    x = lo(torch.randn(B, d, generator=g))
+    w = lo(torch.randn(F, d, generator=g) / 4)
+    b = lo(torch.randn(F, generator=g) / 4 + 2)
+    v, i = ops.topk_encode(x, w, b, k)
+    z = torch.relu(x @ w.T + b)  # the reference's pre-activations: two roundings
+    zs, order = torch.sort(z, dim=1, descending=True, stable=True)
+    eps = torch.finfo(dtype).eps
+    zf, zsf, vf = z.float().cpu(), zs.float().cpu(), v.float().cpu()
+    i, order = i.cpu(), order.cpu()
+    exempt = identical = 0
+    for r in range(B):
+        kth, nxt = zsf[r, k - 1], zsf[r, k]
+        gap = eps * max(kth.abs(), nxt.abs())
+        at = zf[r, i[r]]
+        assert ((vf[r] - at).abs() <= eps * at.abs()).all(), r
+        assert (at >= kth - gap).all(), r
+        assert (vf[r][:-1] >= vf[r][1:]).all(), r  # sorted descending
+        if kth - nxt > gap:
+            assert set(i[r].tolist()) == set(order[r, :k].tolist()), r
+        else:
+            exempt += 1
+        # before the first step of one rounding or less, the order is the reference's
+        near = (zsf[r, :k] - zsf[r, 1:k + 1] <= eps * zsf[r, :k].abs()).nonzero()
+        p = int(near[0]) if len(near) else k
+        assert torch.equal(i[r, :p], order[r, :p]), r
+        identical += p
+    assert exempt < B and identical > B  # the rule leaves entries to check
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -503,6 +652,79 @@ def test_dense_blocks_match_gather(device):
             torch.testing.assert_close(a, e, **tol(torch.float64))
 
 
+def test_dense_weight_gradients_sum_blocks_in_float32():
+    """bf16 weight gradients over many dense row blocks (one row each) are
+    summed in float32 and rounded once: against float64 on the same rounded
+    inputs they stay within a few bf16 roundings (a bf16 running sum of 512
+    positive terms stalls once its spacing exceeds the terms)."""
+    g = torch.Generator().manual_seed(31)
+    B, d, F = 512, 4, 8
+    bf = lambda t: t.to(torch.bfloat16)  # noqa: E731
+    values = bf(1 + torch.rand(B, F, generator=g))
+    indices = torch.arange(F).repeat(B, 1)  # every row hits every feature
+    weight = bf(torch.rand(F, d, generator=g))
+    up = bf(1 + torch.rand(B, d, generator=g))
+    x = bf(torch.rand(B, d, generator=g))
+    bias = bf(torch.full((F,), 4.0))  # every pre-activation positive: all F selected
+    upk = bf(1 + torch.rand(B, F, generator=g))
+    f64 = lambda t: leaf(t.double())  # noqa: E731
+
+    def rel_err(a, e):
+        return ((a.double() - e).abs().max() / e.abs().max()).item()
+
+    with ops.sparse_strategy_scope("dense", dense_block_bytes=1):
+        gw = grads(ops.sparse_decode, [values, indices, leaf(weight)], up)[1][0]
+        ew = grads(R.sparse_decode, [values.double(), indices, f64(weight)], up.double())[1][0]
+        assert rel_err(gw, ew) < 1e-2
+        _, (gwe, gbe) = grads(lambda w, b: ops.topk_encode(x, w, b, F)[0], [leaf(weight), leaf(bias)], upk)
+        _, (ewe, ebe) = grads(lambda w, b: R.topk_encode(x.double(), w, b, F)[0], [f64(weight), f64(bias)],
+                              upk.double())
+        assert rel_err(gwe, ewe) < 1e-2
+        assert rel_err(gbe, ebe) < 1e-2
+
+
+def test_backward_uses_the_form_its_forward_recorded():
+    """The strategy is process-wide; a backward that runs after the
+    sparse_strategy_scope of its forward has ended (here: with another form
+    forced) takes the form (and block size) its forward recorded."""
+    g = torch.Generator().manual_seed(32)
+    values, indices = random_code(6, 3, 20, "cpu", torch.float64, g)
+    w = torch.randn(20, 5, generator=g, dtype=torch.float64)
+    x = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    b = torch.randn(20, generator=g, dtype=torch.float64)
+    up = torch.randn(6, 5, generator=g, dtype=torch.float64)
+
+    def forward():
+        ins = [leaf(values), leaf(w), leaf(x), leaf(b)]
+        out = ops.sparse_decode(ins[0], indices, ins[1])
+        v, _ = ops.topk_encode(ins[2], ins[1], ins[3], 3)
+        return ins, (out * up).sum() + (v * v).sum()
+
+    def backward(ins, loss):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            got = torch.autograd.grad(loss, ins)
+        names = [e.name for e in prof.events()]
+        return got, names
+
+    with ops.sparse_strategy_scope("gather"):
+        ins, loss = forward()
+        want = torch.autograd.grad(loss, ins)
+    for fwd, bwd in (("dense", "gather"), ("gather", "dense")):
+        with ops.sparse_strategy_scope(fwd, dense_block_bytes=2 * 20 * 8):  # 2 rows per block
+            ins, loss = forward()
+        with ops.sparse_strategy_scope(bwd, dense_block_bytes=1 << 30):
+            got, names = backward(ins, loss)
+        ran_dense = any("scatter_add" in n for n in names)
+        assert ran_dense == (fwd == "dense"), (fwd, bwd)
+        if fwd == "dense":  # 3 row blocks of the 6 rows in each of the two backward ops
+            assert sum("scatter_add" in n for n in names) == 2 * 3
+        for a, e in zip(got, want):
+            torch.testing.assert_close(a, e, **tol(torch.float64))
+    # the backward ops check the recorded form
+    with pytest.raises(ValueError, match="'sparse_form' must be -1"):
+        torch.ops.dualenc_fast.sparse_decode_backward(up, values, indices, w, True, True, True, -2)
+
+
 def _ran_dense(fn) -> bool:
     """Whether the op scattered its code into a dense block (profiled ATen calls)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -576,3 +798,37 @@ def test_index_checks_toggle():
     finally:
         ops.set_index_checks(True)
     assert ops.index_checks()
+
+
+def test_cuda_grid_sizes_are_checked():
+    """Every CUDA launch takes its gridDim.x from checked_grid (csrc/ops/grid.h):
+    sizes over 2^31 - 1 (or below 1) raise naming the kernel and the size
+    instead of wrapping in a cast to unsigned."""
+    check = ops._ext._C._checked_grid
+    assert check(1, "k") == 1
+    assert check(2**31 - 1, "k") == 2**31 - 1
+    with pytest.raises(ValueError, match=r"kernel row_dot_kernel needs a grid of 2147483648 blocks"):
+        check(2**31, "row_dot_kernel")
+    with pytest.raises(ValueError, match=r"kernel gather_sum_kernel needs a grid of 0 blocks"):
+        check(0, "gather_sum_kernel")
+    # every launch site takes its grid from checked_grid (blocks_for: the
+    # element-wise kernels' capped grid, itself checked)
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "ops" / "cuda"
+    sources = {p.name: p.read_text() for p in sorted(root.glob("*.cu*"))}
+    if not sources:
+        pytest.skip("CUDA sources not present")
+    assert "checked_grid(" in sources["integration_mlp_cuda.cu"].split("inline unsigned blocks_for", 1)[1][:300]
+    launches = 0
+    for name, text in sources.items():
+        for m in re.finditer(r"<<<|DUALENC_LAUNCH\(", text):
+            grid = text[m.end():].lstrip()
+            if m.group(0) != "<<<":
+                grid = grid.split(",", 1)[1].lstrip()  # DUALENC_LAUNCH(kernel, grid, ...)
+            if grid.startswith("grid, block"):
+                continue  # the macro's own definition
+            assert grid.startswith(("checked_grid(", "blocks_for(")), (name, grid[:60])
+            launches += 1
+    assert launches >= 10

@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 
-from dualenc_fast import checkpoint as C
-from dualenc_fast import modules as M
-from dualenc_fast.data import write_store
-from dualenc_fast.train import (KINDS, TrainConfig, TrainingDiverged, build_model, evaluate, lr_factor,
-                                read_metrics, train)
+from dualenc_fast.nn import modules as M
+from dualenc_fast.train import checkpoint as C
+from dualenc_fast.train.data import write_store
+from dualenc_fast.train.trainer import (KINDS, TrainConfig, TrainingDiverged, build_model, evaluate, lr_factor,
+                                        read_metrics, train)
 
 torch.set_num_threads(1)
 

@@ -39,8 +39,11 @@ TORCH_LIBRARY_FRAGMENT(dualenc_fast, m) {
       "-> Tensor");
   // Returns (grad_values [B, k] or [0], grad_weight [F, d] or [0]). The
   // autograd formula passes check_indices=False: its indices passed the
-  // forward's check (or came from topk_encode).
+  // forward's check (or came from topk_encode). sparse_form: the gather/dense
+  // form the forward recorded (0 gather, n > 0 dense in blocks of ~n bytes),
+  // or -1 for the form the current strategy picks.
   m.def(
       "sparse_decode_backward(Tensor grad_out, Tensor values, Tensor indices, Tensor weight, "
-      "bool need_values_grad, bool need_weight_grad, bool check_indices=True) -> (Tensor, Tensor)");
+      "bool need_values_grad, bool need_weight_grad, bool check_indices=True, int sparse_form=-1) "
+      "-> (Tensor, Tensor)");
 }

@@ -8,7 +8,8 @@
 //   scatter_rows<T>(csr, coef, y, dW, dsum, F, k, d)  dW[i] = sum_{idx=i} coef * y[b]
 // Each product also has a dense form (a GEMM on the code scattered into
 // [rows, F] blocks, ATen ops only, so the same code runs on every device);
-// use_dense_path (strategy.h) picks one by the code's density.
+// use_dense_path (strategy.h) picks one by the code's density; a backward
+// takes the form its forward recorded (`sparse_form`, resolve_sparse_form).
 #pragma once
 
 #include <ATen/Dispatch.h>
@@ -16,14 +17,15 @@
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/gather.h>
-#include <ATen/ops/gt.h>
 #include <ATen/ops/mm.h>
-#include <ATen/ops/mul.h>
 #include <ATen/ops/sum.h>
+#include <ATen/ops/threshold_backward.h>
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
+#include <optional>
 #include <tuple>
+#include <utility>
 
 #include "ops/sparse_decode.h"
 #include "ops/topk_encode.h"
@@ -32,16 +34,47 @@
 namespace dualenc_fast {
 
 // ---------------------------------------------------------------- dense path
-// Calls fn(b0, rows) over consecutive row blocks of the batch, each small
-// enough that a dense [rows, F] block (and, in backward, its gradient) stays
-// near sparse_strategy().dense_block_bytes.
-template <typename Fn>
-void for_dense_blocks(int64_t B, int64_t F, const at::Tensor& like, Fn&& fn) {
+// Rows per dense block: a dense [rows, F] block (and, in backward, its
+// gradient) stays near `block_bytes` (at least one row).
+inline int64_t dense_block_rows(int64_t B, int64_t F, const at::Tensor& like, int64_t block_bytes) {
   const int64_t per_row = std::max<int64_t>(1, F * static_cast<int64_t>(like.element_size()));
-  const int64_t rows =
-      std::max<int64_t>(1, std::min<int64_t>(B, sparse_strategy().dense_block_bytes / per_row));
+  return std::max<int64_t>(1, std::min<int64_t>(B, block_bytes / per_row));
+}
+
+// Calls fn(b0, rows) over consecutive row blocks of the batch of
+// dense_block_rows rows each.
+template <typename Fn>
+void for_dense_blocks(int64_t B, int64_t F, const at::Tensor& like, int64_t block_bytes, Fn&& fn) {
+  const int64_t rows = dense_block_rows(B, F, like, block_bytes);
   for (int64_t b0 = 0; b0 < B; b0 += rows) fn(b0, std::min(rows, B - b0));
 }
+
+// A gradient summed over the row blocks of the dense form, written into `out`
+// by finish(). A 16-bit gradient over several blocks is summed in float32 and
+// rounded once at the end, never once per block into a 16-bit running sum.
+class BlockGradSum {
+ public:
+  BlockGradSum(at::Tensor out, bool several_blocks)
+      : out_(std::move(out)),
+        widen_(several_blocks && (out_.scalar_type() == at::kHalf || out_.scalar_type() == at::kBFloat16)) {
+    acc_ = widen_ ? at::zeros(out_.sizes(), out_.options().dtype(at::kFloat)) : out_.zero_();
+  }
+  void add_mm(const at::Tensor& a, const at::Tensor& b) {  // += a @ b
+    if (widen_) {
+      acc_.add_(at::mm(a, b));  // the GEMM accumulates in float32 and rounds once per block
+    } else {
+      acc_.addmm_(a, b);
+    }
+  }
+  void add_column_sum(const at::Tensor& a) { acc_.add_(at::sum(a, 0, false, acc_.scalar_type())); }
+  void finish() {
+    if (widen_) out_.copy_(acc_);
+  }
+
+ private:
+  at::Tensor out_, acc_;
+  bool widen_;
+};
 
 // code[r, idx[r, j]] += v[r, j]: the sparse code of some rows as a dense
 // [rows, F] tensor (repeated indices add up).
@@ -63,8 +96,8 @@ at::Tensor sparse_decode_impl(const at::Tensor& values,   // [B, k]
   const auto b = has_bias ? bias->contiguous() : at::Tensor();
   const int64_t B = v.size(0), k = v.size(1), F = W.size(0), d = W.size(1);
   auto out = at::empty({B, d}, v.options());
-  if (use_dense_path(v, k, F)) {
-    for_dense_blocks(B, F, v, [&](int64_t b0, int64_t n) {
+  if (const int64_t form = resolve_sparse_form(-1, v, k, F); form > 0) {
+    for_dense_blocks(B, F, v, form, [&](int64_t b0, int64_t n) {
       const auto code = scatter_code(v.narrow(0, b0, n), idx.narrow(0, b0, n), F);  // [n, F]
       auto o = out.narrow(0, b0, n);
       if (has_bias) {
@@ -90,7 +123,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward_impl(
     const at::Tensor& values,    // [B, k]
     const at::Tensor& indices,   // [B, k] int64
     const at::Tensor& weight,    // [F, d]
-    bool need_values_grad, bool need_weight_grad, bool check_indices) {
+    bool need_values_grad, bool need_weight_grad, bool check_indices,
+    int64_t sparse_form) {  // recorded by the forward, or -1 (resolve_sparse_form)
   check_sparse_decode_backward_args(grad_out, values, indices, weight, check_indices);
   const auto g = grad_out.contiguous();
   const auto v = values.contiguous();
@@ -99,19 +133,20 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward_impl(
   const int64_t B = v.size(0), k = v.size(1), F = W.size(0), d = W.size(1);
   auto grad_values = need_values_grad ? at::empty({B, k}, v.options()) : at::empty({0}, v.options());
   auto grad_weight = need_weight_grad ? at::empty({F, d}, W.options()) : at::empty({0}, W.options());
-  if (use_dense_path(v, k, F)) {
-    if (need_weight_grad) grad_weight.zero_();
-    for_dense_blocks(B, F, v, [&](int64_t b0, int64_t n) {
+  if (const int64_t form = resolve_sparse_form(sparse_form, v, k, F); form > 0) {
+    const bool several = dense_block_rows(B, F, v, form) < B;
+    std::optional<BlockGradSum> dW;
+    if (need_weight_grad) dW.emplace(grad_weight, several);
+    for_dense_blocks(B, F, v, form, [&](int64_t b0, int64_t n) {
       const auto gb = g.narrow(0, b0, n);      // [n, d]
       const auto ib = idx.narrow(0, b0, n);    // [n, k]
       if (need_values_grad) {                  // dv[b, j] = (g W^T)[b, idx[b, j]]
         auto gv = grad_values.narrow(0, b0, n);
         at::gather_out(gv, at::mm(gb, W.t()), 1, ib);
       }
-      if (need_weight_grad) {                  // dW += code^T g
-        grad_weight.addmm_(scatter_code(v.narrow(0, b0, n), ib, F).t(), gb);
-      }
+      if (need_weight_grad) dW->add_mm(scatter_code(v.narrow(0, b0, n), ib, F).t(), gb);  // dW += code^T g
     });
+    if (dW) dW->finish();
     return {grad_values, grad_weight};
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "sparse_decode_backward", [&] {
@@ -137,34 +172,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_backward_impl(
     const at::Tensor& x,            // [B, d]
     const at::Tensor& weight,       // [F, d]
     const std::optional<at::Tensor>& pre_bias,  // [d] or None
-    bool need_x_grad, bool need_weight_grad, bool check_indices) {
+    bool need_x_grad, bool need_weight_grad, bool check_indices,
+    int64_t sparse_form) {  // recorded by the forward, or -1 (resolve_sparse_form)
   check_topk_encode_backward_args(grad_values, values, indices, x, weight, pre_bias, check_indices);
   const auto v = values.contiguous();
   const auto idx = indices.contiguous();
   const auto W = weight.contiguous();
   const int64_t B = v.size(0), k = v.size(1), F = W.size(0), d = W.size(1);
-  // a selected value that ReLU clamped to zero passes no gradient
-  const auto g = at::mul(grad_values, at::gt(v, 0)).contiguous();
+  // a selected value that ReLU clamped to zero passes no gradient (a NaN
+  // passes it, as torch's relu backward)
+  const auto g = at::threshold_backward(grad_values, v, 0).contiguous();
   auto grad_x = need_x_grad ? at::empty({B, d}, v.options()) : at::empty({0}, v.options());
   auto grad_w = need_weight_grad ? at::empty({F, d}, v.options()) : at::empty({0}, v.options());
   auto grad_b = need_weight_grad ? at::empty({F}, v.options()) : at::empty({0}, v.options());
-  if (use_dense_path(v, k, F)) {
+  if (const int64_t form = resolve_sparse_form(sparse_form, v, k, F); form > 0) {
     const auto xe = need_weight_grad ? centered_input(x, pre_bias) : at::Tensor();
+    const bool several = dense_block_rows(B, F, v, form) < B;
+    std::optional<BlockGradSum> dW, db;
     if (need_weight_grad) {
-      grad_w.zero_();
-      grad_b.zero_();
+      dW.emplace(grad_w, several);
+      db.emplace(grad_b, several);
     }
-    for_dense_blocks(B, F, v, [&](int64_t b0, int64_t n) {
+    for_dense_blocks(B, F, v, form, [&](int64_t b0, int64_t n) {
       const auto gcode = scatter_code(g.narrow(0, b0, n), idx.narrow(0, b0, n), F);  // [n, F]
       if (need_x_grad) {
         auto gx = grad_x.narrow(0, b0, n);
         at::mm_out(gx, gcode, W);
       }
       if (need_weight_grad) {
-        grad_w.addmm_(gcode.t(), xe.narrow(0, b0, n));
-        grad_b.add_(at::sum(gcode, 0));
+        dW->add_mm(gcode.t(), xe.narrow(0, b0, n));
+        db->add_column_sum(gcode);
       }
     });
+    if (dW) {
+      dW->finish();
+      db->finish();
+    }
     return {grad_x, grad_w, grad_b};
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "topk_encode_backward", [&] {

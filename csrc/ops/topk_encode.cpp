@@ -2,7 +2,11 @@
 // largest entries of each row as (values [B, k], indices [B, k] int64).
 // Tie rule: equal pre-activations rank by lower feature index; each output row
 // is sorted by value descending, then index ascending. A NaN pre-activation
-// raises on CPU and counts as 0 on CUDA.
+// ranks first, above +Inf (as torch.topk; NaNs among themselves by lower
+// index), and the NaN is written to `values`: CPU and CUDA alike. In 16 bits
+// x @ weight.T + bias is rounded once (CUDA addmm; CPU GEMM then a float32
+// bias add) where the reference rounds twice: indices may differ from the
+// reference's only between values within one rounding of each other (README).
 #include "ops/topk_encode.h"
 
 #include <ATen/ops/empty.h>
@@ -81,9 +85,10 @@ int64_t encode_block_rows(int64_t B, int64_t F, int64_t elem_size, int64_t bytes
 TORCH_LIBRARY_FRAGMENT(dualenc_fast, m) {
   m.def("topk_encode(Tensor x, Tensor weight, Tensor bias, int k, Tensor? pre_bias) -> (Tensor, Tensor)");
   // Returns (grad_x [B, d] or [0], grad_weight [F, d] or [0], grad_bias [F] or [0]).
+  // sparse_form as in sparse_decode_backward (the form the forward recorded).
   m.def(
       "topk_encode_backward(Tensor grad_values, Tensor values, Tensor indices, Tensor x, "
       "Tensor weight, Tensor? pre_bias, bool need_x_grad, bool need_weight_grad, "
-      "bool check_indices=True) "
+      "bool check_indices=True, int sparse_form=-1) "
       "-> (Tensor, Tensor, Tensor)");
 }

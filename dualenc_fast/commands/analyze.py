@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from dualenc_fast.commands import add_device_option, resolve_device
+
 
 def register(sub):
     p = sub.add_parser(
@@ -24,7 +26,7 @@ def register(sub):
                    help="subsample features above this for the Gram statistics (0: all, exact)")
     p.add_argument("--n-sim", type=int, default=500, help="Monte-Carlo samples for the dip-test p-value")
     p.add_argument("--backend", default="auto", choices=("auto", "fused", "reference"))
-    p.add_argument("--device", default="cpu", help="device for the blocked Gram computation")
+    add_device_option(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the bimodality results as JSON")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -33,8 +35,9 @@ def register(sub):
 
 def run(args) -> int:
     from dualenc_fast.commands.eval import load_models
-    from dualenc_fast.report import write_report
+    from dualenc_fast.eval.report import write_report
 
+    args.device = str(resolve_device(args))
     models = load_models(args.checkpoints, args.names, backend=args.backend, device=args.device)
     path = write_report(
         args.out, models, None, threshold=args.threshold, gram_max_features=args.gram_max_features or None,

@@ -27,12 +27,27 @@ def register(sub):
     p.add_argument("--profile", action="store_true",
                    help="also profile one fused step and print where its time goes, by op")
     p.add_argument("--out", default=None, help="write the JSON result here")
+    p.add_argument("--ddp", type=int, default=None, metavar="N",
+                   help="instead: rows/s of one joint training step in 1 process and in N data-parallel "
+                   "processes (torch.distributed, gloo, CPU) at the config's global batch, and the ratio")
+    p.add_argument("--threads", type=int, default=1, help="with --ddp: threads per process (default 1)")
+    p.add_argument("--rounds", type=int, default=2, help="with --ddp: alternating 1/N-process rounds (default 2)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from dualenc_fast import bench
 
+    if args.ddp is not None:
+        if args.device != "cpu":
+            raise ValueError("--ddp measures gloo processes on the CPU; on GPUs run "
+                             "`torchrun --nproc-per-node N -m dualenc_fast train ...`")
+        from dualenc_fast import bench_ddp
+
+        if args.repeats < 1 or args.rounds < 1 or args.threads < 1:
+            raise ValueError("--repeats, --rounds and --threads must be >= 1")
+        bench_ddp.run(args.config, args.ddp, args.repeats, args.warmup, args.rounds, args.threads, out=args.out)
+        return 0
     paths = tuple(x.strip() for x in args.paths.split(",") if x.strip())
     known = ("reference", "peer", "fused", "module")
     bad = [x for x in paths if x not in known]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from dualenc_fast.commands import add_run_options, apply_threads
+from dualenc_fast.commands import add_run_options, apply_threads, resolve_device
 
 
 def register(sub):
@@ -32,7 +32,6 @@ def register(sub):
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float32",
                    help="storage dtype of the activations (default: float32)")
     p.add_argument("--shard-rows", type=int, default=100_000, help="rows per shard file (default: 100000)")
-    p.add_argument("--device", default="cpu", help="torch device for the LM (default: cpu)")
     p.add_argument("--standardize", action="store_true",
                    help="also store per-dimension mean/std of a 10k-row training sample (standardize.safetensors) "
                         "for `dualenc train --standardize`; the activations stay raw")
@@ -53,7 +52,7 @@ def parse_layer(text, n_layers: int) -> int:
 
 
 def load_texts(args):
-    from dualenc_fast.data import bundled_texts, read_text_files
+    from dualenc_fast.train.data import bundled_texts, read_text_files
 
     if args.text:
         return read_text_files(args.text), "files: " + ", ".join(args.text)
@@ -61,22 +60,34 @@ def load_texts(args):
 
 
 def run(args) -> int:
-    from dualenc_fast.data import collect_activations
+    from dualenc_fast.train.data import collect_activations
     from dualenc_fast.lm import decoder_layers, load_causal_lm
 
     apply_threads(args)
     for name in ("max_tokens", "window", "batch_size", "shard_rows"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive")
-    texts, source = load_texts(args)
-    print(f"loading {args.model} ...", file=sys.stderr)
-    model, tok = load_causal_lm(args.model, device=args.device)
-    layer = parse_layer(args.layer, len(decoder_layers(model)))
-    manifest = collect_activations(
-        model, tok, layer, args.out, texts=texts, window=args.window, max_tokens=args.max_tokens,
-        batch_size=args.batch_size, dtype=args.dtype, shard_rows=args.shard_rows, skip_first=args.skip_first,
-        model_name=args.model, source=source, progress=not args.no_progress,
-    )
+    from dualenc_fast import distributed as dist_
+
+    multi = dist_.init_from_env(dist_.resolve_device(args.device))
+    try:
+        texts, source = load_texts(args)
+        device = resolve_device(args)
+        if dist_.rank() == 0:
+            print(f"loading {args.model} ...", file=sys.stderr)
+        model, tok = load_causal_lm(args.model, device=device)
+        layer = parse_layer(args.layer, len(decoder_layers(model)))
+        if multi:
+            dist_.print0(f"collecting in {dist_.world_size()} processes, each writes its share of the shards")
+        manifest = collect_activations(
+            model, tok, layer, args.out, texts=texts, window=args.window, max_tokens=args.max_tokens,
+            batch_size=args.batch_size, dtype=args.dtype, shard_rows=args.shard_rows, skip_first=args.skip_first,
+            model_name=args.model, source=source, progress=not args.no_progress,
+        )
+    finally:
+        dist_.shutdown()
+    if dist_.rank_from_env() != 0:
+        return 0
     if args.standardize:
         from dualenc_fast.data import ActivationStore, standardization_stats
 

@@ -6,7 +6,7 @@ baseline), ``sequential`` and ``joint`` with equal step budgets, and prints a
 table of held-out MSE, FVU, error reduction vs the SAE and vs the SAE+bias
 baseline, and component shares. Everything goes to ``--out``.
 
-Hook for evaluation/analysis: after training, for each of ``dualenc_fast.eval``
+Hook for evaluation/analysis: after training, for each of ``dualenc_fast.eval`` (its hook is in ``eval.report``)
 and ``dualenc_fast.analysis`` that exists and defines ``demo_hook(context)``,
 the demo calls it with the context dict built in :func:`run_hooks` (LM,
 tokenizer, layer, activation store, trained models, run folders, output
@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from dualenc_fast.commands import add_run_options, apply_threads
+from dualenc_fast.commands import add_run_options, apply_threads, resolve_device
 
 KINDS = ("sae", "sae_bias", "sequential", "joint")
 HOOK_MODULES = ("dualenc_fast.eval", "dualenc_fast.analysis")
@@ -141,11 +141,11 @@ def format_table(rows: list) -> str:
 
 
 def run(args) -> int:
-    from dualenc_fast.checkpoint import atomic_write_json, atomic_write_text
+    from dualenc_fast.storage import atomic_write_json, atomic_write_text
     from dualenc_fast.commands.collect import parse_layer
-    from dualenc_fast.data import ActivationStore, bundled_texts, collect_activations, read_text_files
+    from dualenc_fast.train.data import ActivationStore, bundled_texts, collect_activations, read_text_files
     from dualenc_fast.lm import decoder_layers, load_causal_lm
-    from dualenc_fast.train import TrainConfig, error_reduction, train
+    from dualenc_fast.train.trainer import TrainConfig, error_reduction, train
 
     t_start = time.time()
     apply_threads(args)
@@ -157,7 +157,8 @@ def run(args) -> int:
     # ---- 1. language model + activations
     t = time.time()
     _log(f"[demo] loading {args.model} (local files only) ...")
-    lm, tok = load_causal_lm(args.model)
+    device = resolve_device(args)
+    lm, tok = load_causal_lm(args.model, device=device)
     n_layers = len(decoder_layers(lm))
     layer = parse_layer(args.layer, n_layers)
     timings["load_lm"] = time.time() - t
@@ -196,7 +197,7 @@ def run(args) -> int:
         run_dir = out / kind
         _log(f"[demo] training {kind} ...")
         t = time.time()
-        result = train(cfg, store, run_dir, overwrite=True, progress=progress)
+        result = train(cfg, store, run_dir, overwrite=True, progress=progress, device=device)
         timings[f"train_{kind}"] = time.time() - t
         runs[kind], summaries[kind], models[kind] = run_dir, result.summary, result.model
         val = result.summary["val"]

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
+from dualenc_fast.commands import add_device_option, resolve_device
+
 
 def register(sub):
     p = sub.add_parser(
@@ -44,7 +46,7 @@ def register(sub):
                    help="subsample features above this for the Gram statistics (0: all)")
     p.add_argument("--n-sim", type=int, default=500, help="Monte-Carlo samples for the dip-test p-value")
     p.add_argument("--backend", default="auto", choices=("auto", "fused", "reference"))
-    p.add_argument("--device", default="cpu")
+    add_device_option(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(func=run)
@@ -70,7 +72,7 @@ def _run_info(path: Path) -> dict:
 
 def load_one(path, *, backend: str = "auto", device: str = "cpu"):
     """Load a model from a model folder, a training-run folder (its ``model/``) or a checkpoint."""
-    from dualenc_fast.checkpoint import load_model
+    from dualenc_fast.train.checkpoint import load_model
 
     path = Path(path)
     if not path.exists():
@@ -101,9 +103,11 @@ def load_models(paths: Sequence[str], names: Optional[Sequence[str]] = None, *, 
 
 
 def run(args) -> int:
-    from dualenc_fast.data import ActivationStore
-    from dualenc_fast.report import write_report
+    from dualenc_fast.eval.report import write_report
+    from dualenc_fast.storage import atomic_write_json
+    from dualenc_fast.train.data import ActivationStore
 
+    args.device = str(resolve_device(args))
     models = load_models(args.checkpoints, args.names, backend=args.backend, device=args.device)
     data = args.data
     if data is None:
@@ -131,12 +135,12 @@ def run(args) -> int:
             lm = None
     if lm is not None:
         if args.text:
-            from dualenc_fast.data import read_text_files, token_windows
+            from dualenc_fast.train.data import read_text_files, token_windows
 
             windows = token_windows(read_text_files(args.text), tok, int(store.manifest.get("window") or 50),
                                     max_windows=args.windows)
         else:
-            from dualenc_fast.eval import windows_from_store
+            from dualenc_fast.eval.metrics import windows_from_store
 
             windows, skip_first = windows_from_store(store, args.windows, args.val_fraction)
     meta = {"data": str(data), "language model": lm_name or "-", "layer": layer, "validation rows": val.shape[0],
@@ -150,6 +154,8 @@ def run(args) -> int:
         title="dualenc_fast evaluation", metadata=meta, analysis=not args.no_analysis, verbose=True,
     )
     results = json.loads((Path(args.out) / "results.json").read_text())
+    results["standard_metrics"] = write_standard_metrics(args.out, models, val, results.get("splice"))
+    atomic_write_json(Path(args.out) / "results.json", results)
     for name, r in results.get("evaluation", {}).get("reconstruction", {}).items():
         red = r.get("error_reduction")
         print(f"{name:>16}: mse {r['mse']:.5g}  fvu {r['fvu']:.4f}"
@@ -158,5 +164,46 @@ def run(args) -> int:
         ratio = r.get("kl_ratio")
         print(f"{name:>16}: KL/KL_eps {'nan' if ratio is None else f'{ratio:.3f}'}  "
               f"CE increase {r['ce_increase']:+.4g}")
+    for name, r in results["standard_metrics"]["models"].items():
+        line = (f"{name:>16}: explained variance {r['explained_variance']:.4f}  cossim {r['cossim']:.4f}  "
+                f"l2 ratio {r['l2_ratio']:.4f}  dead {r['dead_latents']}  dense {r['dense_latents']}")
+        if "ce_loss_score" in r:
+            line += f"  CE recovered {r['ce_loss_score']:.4f}  KL recovered {r['kl_div_score']:.4f}"
+        print(line)
     print(f"report: {path}")
     return 0
+
+
+STANDARD_KEYS = ("explained_variance", "cossim", "l2_ratio", "relative_reconstruction_bias", "l0",
+                 "dead_latents", "dense_latents", "ce_loss_score", "kl_div_score")
+
+
+def write_standard_metrics(out, models, val, splice=None) -> dict:
+    """SAELens's standard metrics per model on the validation rows (and, from the splice test,
+    CE / KL recovered against zero ablation): ``feature_density.png`` and a section
+    appended to ``report.md``; returns the dict stored under ``standard_metrics`` in results.json."""
+    from dualenc_fast.eval.sae_metrics import DENSE_THRESHOLD, density_histogram, standard_metrics
+
+    out = Path(out)
+    res, dens = {}, {}
+    for name, model in models.items():
+        metrics, density = standard_metrics(model, val)
+        sp = (splice or {}).get("models", {}).get(name, {})
+        metrics.update({key: sp[key] for key in ("ce_loss_score", "kl_div_score") if key in sp})
+        res[name], dens[name] = metrics, density
+    density_histogram(dens, out / "feature_density.png", title=f"Feature density over {val.shape[0]} validation rows")
+    rows = ["", "## Standard SAE metrics", "",
+            f"SAELens definitions (README, \"Standard SAE metrics\") on {val.shape[0]} validation rows; dead: never "
+            f"active on them, dense: active on more than {DENSE_THRESHOLD:.0%} of them.", "",
+            "| model | " + " | ".join(STANDARD_KEYS) + " |", "|---" * (len(STANDARD_KEYS) + 1) + "|"]
+    for name, m in res.items():
+        cells = [("-" if m.get(key) is None else (f"{m[key]:.4g}" if isinstance(m[key], float) else str(m[key])))
+                 for key in STANDARD_KEYS]
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    rows += ["", "![feature density](feature_density.png)", ""]
+    report = out / "report.md"
+    if report.exists():
+        with open(report, "a", encoding="utf-8") as fh:
+            fh.write("\n".join(rows))
+    return {"rows": int(val.shape[0]), "dense_threshold": DENSE_THRESHOLD, "models": res,
+            "density_histogram": "feature_density.png"}

@@ -32,7 +32,6 @@ def register(sub):
     )
     p.add_argument("--model", default="smollm2", help="'smollm2' or a local causal LM folder (default: smollm2)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per model (default: 3)")
     p.add_argument("--tokens", type=int, default=None,
                    help=f"training tokens per model: steps = tokens / rows per batch (default: "
@@ -89,12 +88,12 @@ def run(args) -> int:
 
     from dualenc_fast import analysis as A
     from dualenc_fast import reproduce as R
-    from dualenc_fast.checkpoint import atomic_write_json, atomic_write_text
+    from dualenc_fast.storage import atomic_write_json, atomic_write_text
     from dualenc_fast.commands.collect import parse_layer
-    from dualenc_fast.data import ActivationStore, bundled_texts, collect_activations, read_text_files
-    from dualenc_fast.eval import splice_test, windows_from_store
+    from dualenc_fast.train.data import ActivationStore, bundled_texts, collect_activations, read_text_files
+    from dualenc_fast.eval.metrics import splice_test, windows_from_store
     from dualenc_fast.lm import decoder_layers, load_causal_lm
-    from dualenc_fast.train import TrainConfig, error_reduction, train
+    from dualenc_fast.train.trainer import TrainConfig, error_reduction, train
 
     if args.report_only:
         return _report_only(Path(args.out))
@@ -337,7 +336,7 @@ def _report_only(out: Path) -> int:
 
 
 def _plot_norms(bims, path: Path, title: str) -> None:
-    from dualenc_fast.report import plot_norm_histograms
+    from dualenc_fast.eval.report import plot_norm_histograms
 
     path.parent.mkdir(parents=True, exist_ok=True)
     plot_norm_histograms(bims, path, 0.2)
@@ -346,7 +345,7 @@ def _plot_norms(bims, path: Path, title: str) -> None:
 def _plot_kl(agg, models, path: Path) -> None:
     import numpy as np
 
-    from dualenc_fast.report import _mpl
+    from dualenc_fast.eval.report import _mpl
 
     names = [m for m in models if "kl_ratio" in agg.get(m, {})]
     if not names:

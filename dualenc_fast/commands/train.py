@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 
-from dualenc_fast.commands import add_run_options, apply_threads
+import torch
+
+from dualenc_fast.commands import add_run_options, apply_threads, resolve_device
 
 
 def register(sub):
@@ -60,12 +62,25 @@ def register(sub):
     p.add_argument("--outlier-multiple", type=float, default=10.0, help="outlier threshold as a multiple of the "
                    "median row norm (default: 10)")
     p.add_argument("--export-saelens", default=None, metavar="DIR", help="also export the SAE in SAELens layout to DIR")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="fp32, or bf16 autocast of the products and ops with float32 weights and Adam state "
+                        "(default: fp32)")
+    p.add_argument("--log-every", type=int, default=1,
+                   help="copy losses and metrics to the host every N steps (NaN/Inf checked then; a metrics "
+                        "row per N steps; default: 1; on a GPU use e.g. 50 so no step waits on the host)")
+    p.add_argument("--dist-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="under torchrun: how long a rank waits for the others in a collective before it "
+                        "stops with an error (default: 300)")
+    p.add_argument("--wandb", default=None, metavar="PROJECT",
+                   help="also log metrics to this Weights & Biases project (rank 0 only; needs `pip install wandb`; "
+                        "the run id is kept in OUT/wandb.json so --resume continues the same W&B run; "
+                        "WANDB_MODE=offline logs locally)")
     add_run_options(p)
     p.set_defaults(func=run)
 
 
 def config_from_args(args):
-    from dualenc_fast.train import TrainConfig
+    from dualenc_fast.train.trainer import TrainConfig
 
     return TrainConfig(
         kind=args.kind, features=args.features, k=args.k, embedding_dim=args.embedding_dim, top_n=args.top_n,
@@ -75,21 +90,38 @@ def config_from_args(args):
         keep_checkpoints=args.keep_checkpoints, backend=args.backend, pre_bias=args.pre_bias,
         unit_norm_decoder=args.unit_norm_decoder, aux_k=args.aux_k, aux_coef=args.aux_coef,
         dead_after_tokens=args.dead_after_tokens, normalize_input=args.normalize_input, init_sae=args.init_sae,
+        precision=args.precision, log_every=args.log_every,
         adam_eps=args.adam_eps, standardize=args.standardize, outliers=args.outliers,
         outlier_multiple=args.outlier_multiple,
     )
 
 
 def run(args) -> int:
-    from dualenc_fast.checkpoint import export_saelens
-    from dualenc_fast.data import ActivationStore
-    from dualenc_fast.train import train
+    from dualenc_fast.train.checkpoint import export_saelens
+    from dualenc_fast.train.data import ActivationStore
+    from dualenc_fast.train.trainer import train
+
+    from dualenc_fast import distributed as dist_
 
     apply_threads(args)
+    if args.log_every < 0:
+        raise ValueError(f"--log-every must be >= 0, got {args.log_every}")
     config = config_from_args(args)
-    store = ActivationStore(args.activations)
-    result = train(config, store, args.out, resume=args.resume, overwrite=args.overwrite,
-                   progress=not args.no_progress, progress_every=args.progress_every)
+    device = dist_.resolve_device(args.device)
+    multi = dist_.init_from_env(device, args.dist_timeout)
+    try:
+        device = resolve_device(args)
+        if multi:
+            dist_.print0(f"data-parallel: {dist_.world_size()} processes "
+                         f"({torch.distributed.get_backend()}), global batch {config.batch_size}")
+        store = ActivationStore(args.activations)
+        result = train(config, store, args.out, resume=args.resume, overwrite=args.overwrite,
+                       progress=not args.no_progress, device=device, wandb_project=args.wandb,
+                       progress_every=args.progress_every)
+    finally:
+        dist_.shutdown()
+    if dist_.rank_from_env() != 0:
+        return 0
     val = result.summary["val"]
     line = {"kind": config.kind, "steps": result.summary["steps"], "val_mse": val["mse"],
             "val_fvu": val["fvu"], "l0": val["l0"], "out": str(args.out)}
@@ -97,7 +129,12 @@ def run(args) -> int:
         line["outlier_rows_touched"] = result.summary["outliers"]["train_rows_touched"]
     print(json.dumps(line))
     if args.export_saelens:
+        from dualenc_fast.eval.sae_metrics import standard_metrics
+
+        val_x = store.tensor("val", val_fraction=config.val_fraction, max_rows=config.val_rows)
+        density = standard_metrics(result.model, val_x)[1] if val_x.shape[0] else None
         export_saelens(result.model, args.export_saelens, model_name=store.manifest.get("model"),
-                       hook_layer=store.manifest.get("layer"), context_size=store.manifest.get("window", 50))
+                       hook_layer=store.manifest.get("layer"), context_size=store.manifest.get("window", 50),
+                       feature_density=density)
         print(f"exported SAELens folder {args.export_saelens}")
     return 0

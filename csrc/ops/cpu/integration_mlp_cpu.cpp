@@ -21,8 +21,14 @@ at::Tensor apply_dropout_cpu(const at::Tensor& p, const at::Tensor& mask, double
     const bool* mp = m.const_data_ptr<bool>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     const acc_t s = static_cast<acc_t>(scale);
+    // A dropped entry is x * 0 as in torch (NaN and Inf give NaN), except that
+    // scale 0 (rate 1: everything dropped) gives exact zeros, as the reference.
+    const bool zero_dropped = s == acc_t(0);
     at::parallel_for(0, x.numel(), 1 << 14, [&](int64_t a, int64_t e) {
-      for (int64_t i = a; i < e; ++i) op[i] = mp[i] ? static_cast<scalar_t>(static_cast<acc_t>(xp[i]) * s) : scalar_t(0);
+      for (int64_t i = a; i < e; ++i) {
+        const acc_t v = static_cast<acc_t>(xp[i]);
+        op[i] = static_cast<scalar_t>(mp[i] ? v * s : (zero_dropped ? acc_t(0) : v * acc_t(0)));
+      }
     });
   });
   return out;
@@ -35,7 +41,7 @@ at::Tensor relu_cpu(const at::Tensor& hidden_pre) {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, x.numel(), 1 << 14, [&](int64_t a, int64_t e) {
-      for (int64_t i = a; i < e; ++i) op[i] = xp[i] > scalar_t(0) ? xp[i] : scalar_t(0);
+      for (int64_t i = a; i < e; ++i) op[i] = xp[i] <= scalar_t(0) ? scalar_t(0) : xp[i];  // relu(NaN) = NaN, as torch
     });
   });
   return out;
@@ -58,7 +64,7 @@ std::tuple<at::Tensor, at::Tensor> relu_backward_cpu(const at::Tensor& dh, const
     scalar_t* hp = h.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, x.numel(), 1 << 14, [&](int64_t a, int64_t e) {
       for (int64_t i = a; i < e; ++i) {
-        const bool on = xp[i] > scalar_t(0);
+        const bool on = !(xp[i] <= scalar_t(0));  // NaN passes its gradient, as torch
         acc_t v = on ? static_cast<acc_t>(gp[i]) : acc_t(0);
         if (ep) v += static_cast<acc_t>(ep[i]);
         dp[i] = static_cast<scalar_t>(v);

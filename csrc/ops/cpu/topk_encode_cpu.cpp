@@ -9,7 +9,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <vector>
 
 #include "checks.h"
@@ -38,9 +37,12 @@ struct Candidate {
   acc_t v;
   int64_t i;
 };
-// a ranks ahead of b: larger value, then lower feature index.
+// a ranks ahead of b: larger value, then lower feature index; NaN ranks
+// above every number (as in torch.topk), NaNs among themselves by index.
 template <typename acc_t>
 inline bool ahead(const Candidate<acc_t>& a, const Candidate<acc_t>& b) {
+  const bool an = a.v != a.v, bn = b.v != b.v;
+  if (an || bn) return an && (!bn || a.i < b.i);
   return a.v > b.v || (a.v == b.v && a.i < b.i);
 }
 
@@ -52,39 +54,35 @@ struct RowSelector {
   int64_t size = 0;
   int64_t k = 0;
 
-  // Offer ReLU(z[c] + bias[c]) for features f0 + c, c in [0, n). Returns false on NaN.
+  // Offer ReLU(z[c] + bias[c]) for features f0 + c, c in [0, n). ReLU keeps
+  // NaN, and a NaN ranks first (the loss goes NaN, as in the reference).
   template <typename scalar_t>
-  bool offer(const scalar_t* z, const scalar_t* bias, int64_t f0, int64_t n) {
-    bool finite = true;
+  void offer(const scalar_t* z, const scalar_t* bias, int64_t f0, int64_t n) {
     int64_t c = 0;
     for (; c < n && size < k; ++c) {
       const acc_t f = static_cast<acc_t>(z[c]) + static_cast<acc_t>(bias[c]);
-      if (f != f) finite = false;
-      heap[size++] = {f > acc_t(0) ? f : acc_t(0), f0 + c};
+      heap[size++] = {f <= acc_t(0) ? acc_t(0) : f, f0 + c};
       if (size == k) std::make_heap(heap, heap + k, ahead<acc_t>);
     }
-    if (c == n) return finite;
     // Once the heap is full almost every value loses to the threshold: test a
     // block of kBlock values branch-free (a loop the compiler vectorises) and
     // look at single values only in the rare block with a winner or a NaN.
     constexpr int64_t kBlock = 16;
     for (; c < n; c += kBlock) {
+      // k NaNs held: a later feature (higher index) can no longer enter
+      if (heap[0].v != heap[0].v) return;
       const int64_t m = std::min(kBlock, n - c);
       if (m == kBlock && !block_may_enter<scalar_t, acc_t>(z + c, bias + c, heap[0].v)) continue;
       for (int64_t l = c; l < c + m; ++l) {
-        const acc_t f = static_cast<acc_t>(z[l]) + static_cast<acc_t>(bias[l]);
-        if (f > heap[0].v) {  // NaN compares false: it never enters
+        const Candidate<acc_t> cand{static_cast<acc_t>(z[l]) + static_cast<acc_t>(bias[l]), f0 + l};
+        if (!(cand.v <= heap[0].v)) {  // larger, or NaN (an equal value is a lost tie)
           std::pop_heap(heap, heap + k, ahead<acc_t>);
-          heap[k - 1] = {f, f0 + l};
+          heap[k - 1] = cand;
           std::push_heap(heap, heap + k, ahead<acc_t>);
-        } else if (f != f) {
-          finite = false;
         }
       }
     }
-    return finite;
   }
-
 
   template <typename scalar_t>
   void write(scalar_t* out_v, int64_t* out_i) {
@@ -110,7 +108,6 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x,       //
   // read each weight row once per row block, and nothing [B, F] is allocated.
   const int64_t rows = std::min<int64_t>(B, 4096);
   const int64_t cols = std::min<int64_t>(F, std::max<int64_t>(256, encode_block_rows(F, rows, xe.element_size(), int64_t(8) << 20)));
-  std::atomic<bool> finite{true};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xe.scalar_type(), "topk_encode_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     std::vector<Candidate<acc_t>> heaps(static_cast<size_t>(rows * k));
@@ -126,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x,       //
         const scalar_t* zp = z.const_data_ptr<scalar_t>();
         at::parallel_for(0, nr, grain_for(nc, 1 << 15), [&](int64_t a, int64_t e) {
           for (int64_t r = a; r < e; ++r) {
-            if (!sel[r].offer(zp + r * nc, bp + f0, f0, nc)) finite = false;
+            sel[r].offer(zp + r * nc, bp + f0, f0, nc);
           }
         });
       }
@@ -137,8 +134,6 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x,       //
       });
     }
   });
-  TORCH_CHECK_VALUE(finite.load(), "dualenc_fast: topk_encode found a NaN pre-activation: check ",
-                    "the arguments 'x', 'weight' and 'bias' for NaN values");
   return {values, indices};
 }
 

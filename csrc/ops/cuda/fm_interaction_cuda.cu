@@ -108,7 +108,7 @@ at::Tensor fm_interaction_cuda(const at::Tensor& values,      // [B, k]
   if (B == 0 || K == 0) return out;
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "fm_interaction_cuda", [&] {
-    fm_forward_kernel<scalar_t><<<static_cast<unsigned>(B), threads_for(K), 0, stream>>>(
+    DUALENC_LAUNCH(fm_forward_kernel<scalar_t>, checked_grid(B, "fm_forward_kernel"), threads_for(K), 0, stream)(
         v.const_data_ptr<scalar_t>(), idx.const_data_ptr<int64_t>(), E.const_data_ptr<scalar_t>(),
         out.mutable_data_ptr<scalar_t>(), k, K);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -139,14 +139,15 @@ std::tuple<at::Tensor, at::Tensor> fm_interaction_backward_cuda(
     const size_t smem = static_cast<size_t>(K) * sizeof(acc_t);
     TORCH_CHECK_VALUE(smem <= 48 * 1024, "dualenc_fast: fm_interaction on CUDA supports embedding ",
                       "widths up to ", 48 * 1024 / sizeof(acc_t), ", got embeddings of shape ", E.sizes());
-    fm_backward_rows_kernel<scalar_t><<<static_cast<unsigned>(B), 256, smem, stream>>>(
+    DUALENC_LAUNCH(fm_backward_rows_kernel<scalar_t>, checked_grid(B, "fm_backward_rows_kernel"), 256, smem, stream)(
         g.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), idx.const_data_ptr<int64_t>(),
         E.const_data_ptr<scalar_t>(), S.mutable_data_ptr<acc_t>(),
         need_values_grad ? grad_v.mutable_data_ptr<scalar_t>() : nullptr, k, K);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (need_embeddings_grad && F > 0) {
       const FeatureCsr csr(idx, F);
-      fm_backward_features_kernel<scalar_t><<<static_cast<unsigned>(F), threads_for(K), 0, stream>>>(
+      DUALENC_LAUNCH(fm_backward_features_kernel<scalar_t>, checked_grid(F, "fm_backward_features_kernel"),
+                     threads_for(K), 0, stream)(
           csr.rowptr.const_data_ptr<int64_t>(), csr.pairs.const_data_ptr<int64_t>(),
           g.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), E.const_data_ptr<scalar_t>(),
           S.const_data_ptr<acc_t>(), grad_E.mutable_data_ptr<scalar_t>(), k, K);

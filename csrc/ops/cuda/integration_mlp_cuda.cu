@@ -14,8 +14,11 @@ namespace {
 
 constexpr int kThreads = 256;
 
+// The grid of the grid-stride element-wise kernels: at most 65536 blocks,
+// checked like every launch.
 inline unsigned blocks_for(int64_t n) {
-  return static_cast<unsigned>(std::min<int64_t>(ceil_div(n, kThreads), int64_t(1) << 16));
+  return checked_grid(std::min<int64_t>(ceil_div(n, kThreads), int64_t(1) << 16),
+                      "apply_dropout_kernel/relu_kernel/relu_backward_kernel");
 }
 
 template <typename scalar_t>
@@ -24,7 +27,10 @@ __global__ void apply_dropout_kernel(const scalar_t* __restrict__ x, const bool*
                                      int64_t n) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    out[i] = mask[i] ? static_cast<scalar_t>(static_cast<acc_t>(x[i]) * scale) : scalar_t(0);
+    // a dropped entry is x * 0 as in torch (NaN and Inf give NaN); scale 0
+    // (rate 1: everything dropped) gives exact zeros, as the reference
+    const acc_t v = static_cast<acc_t>(x[i]);
+    out[i] = static_cast<scalar_t>(mask[i] ? v * scale : (scale == acc_t(0) ? acc_t(0) : v * acc_t(0)));
   }
 }
 
@@ -32,7 +38,7 @@ template <typename scalar_t>
 __global__ void relu_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out, int64_t n) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    out[i] = static_cast<acc_t>(x[i]) > acc_t(0) ? x[i] : scalar_t(0);
+    out[i] = static_cast<acc_t>(x[i]) <= acc_t(0) ? scalar_t(0) : x[i];  // relu(NaN) = NaN, as torch
   }
 }
 
@@ -42,7 +48,7 @@ __global__ void relu_backward_kernel(const scalar_t* __restrict__ g, const scala
                                      scalar_t* __restrict__ h, int64_t n) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    const bool on = static_cast<acc_t>(x[i]) > acc_t(0);
+    const bool on = !(static_cast<acc_t>(x[i]) <= acc_t(0));  // NaN passes its gradient, as torch
     acc_t v = on ? static_cast<acc_t>(g[i]) : acc_t(0);
     if (extra) v += static_cast<acc_t>(extra[i]);
     dpre[i] = static_cast<scalar_t>(v);
@@ -58,7 +64,7 @@ at::Tensor apply_dropout_cuda(const at::Tensor& p, const at::Tensor& mask, doubl
   if (n == 0) return out;
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "apply_dropout_cuda", [&] {
-    apply_dropout_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
+    DUALENC_LAUNCH(apply_dropout_kernel<scalar_t>, blocks_for(n), kThreads, 0, stream)(
         x.const_data_ptr<scalar_t>(), m.const_data_ptr<bool>(), out.mutable_data_ptr<scalar_t>(),
         static_cast<at::opmath_type<scalar_t>>(scale), n);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -73,7 +79,7 @@ at::Tensor relu_cuda(const at::Tensor& hidden_pre) {
   if (n == 0) return out;
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "relu_cuda", [&] {
-    relu_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(x.const_data_ptr<scalar_t>(),
+    DUALENC_LAUNCH(relu_kernel<scalar_t>, blocks_for(n), kThreads, 0, stream)(x.const_data_ptr<scalar_t>(),
                                                                     out.mutable_data_ptr<scalar_t>(), n);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -92,7 +98,7 @@ std::tuple<at::Tensor, at::Tensor> relu_backward_cuda(const at::Tensor& dh, cons
   if (n == 0) return {dpre, h};
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "relu_backward_cuda", [&] {
-    relu_backward_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
+    DUALENC_LAUNCH(relu_backward_kernel<scalar_t>, blocks_for(n), kThreads, 0, stream)(
         g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
         extra ? gx.const_data_ptr<scalar_t>() : nullptr, dpre.mutable_data_ptr<scalar_t>(),
         h.mutable_data_ptr<scalar_t>(), n);

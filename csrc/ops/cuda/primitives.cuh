@@ -18,6 +18,9 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "ops/cuda/launch.cuh"
+#include "ops/grid.h"
+
 namespace dualenc_fast::cuda {
 
 constexpr int kWarp = 32;
@@ -63,7 +66,7 @@ void gather_sum(const scalar_t* coef, const int64_t* idx, const scalar_t* W, con
                 scalar_t* out, int64_t B, int64_t k, int64_t d) {
   if (B == 0 || d == 0) return;
   auto stream = c10::cuda::getCurrentCUDAStream();
-  gather_sum_kernel<scalar_t><<<static_cast<unsigned>(B), threads_for(d), 0, stream>>>(
+  DUALENC_LAUNCH(gather_sum_kernel<scalar_t>, checked_grid(B, "gather_sum_kernel"), threads_for(d), 0, stream)(
       coef, idx, W, bias, out, k, d);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -96,8 +99,8 @@ void row_dot(const scalar_t* g, const int64_t* idx, const scalar_t* W, scalar_t*
   constexpr int threads = 256;
   const int64_t blocks = ceil_div(n_pairs, threads / kWarp);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  row_dot_kernel<scalar_t><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(g, idx, W, out,
-                                                                                  n_pairs, k, d);
+  DUALENC_LAUNCH(row_dot_kernel<scalar_t>, checked_grid(blocks, "row_dot_kernel"), threads, 0, stream)(
+      g, idx, W, out, n_pairs, k, d);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -149,7 +152,7 @@ void scatter_rows(const FeatureCsr& csr, const scalar_t* coef, const scalar_t* y
                   scalar_t* dsum, int64_t F, int64_t k, int64_t d) {
   if (F == 0) return;
   auto stream = c10::cuda::getCurrentCUDAStream();
-  scatter_rows_kernel<scalar_t><<<static_cast<unsigned>(F), threads_for(d), 0, stream>>>(
+  DUALENC_LAUNCH(scatter_rows_kernel<scalar_t>, checked_grid(F, "scatter_rows_kernel"), threads_for(d), 0, stream)(
       csr.rowptr.const_data_ptr<int64_t>(), csr.pairs.const_data_ptr<int64_t>(), coef, y, dW, dsum,
       k, d);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -24,10 +24,10 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward_cuda(
     const at::Tensor& values,    // [B, k]
     const at::Tensor& indices,   // [B, k] int64
     const at::Tensor& weight,    // [F, d]
-    bool need_values_grad, bool need_weight_grad, bool check_indices) {
+    bool need_values_grad, bool need_weight_grad, bool check_indices, int64_t sparse_form) {
   const c10::cuda::CUDAGuard guard(values.device());
   return sparse_decode_backward_impl<Prims>(grad_out, values, indices, weight, need_values_grad,
-                                            need_weight_grad, check_indices);
+                                            need_weight_grad, check_indices, sparse_form);
 }
 
 }  // namespace

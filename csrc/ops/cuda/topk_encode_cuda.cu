@@ -25,13 +25,20 @@ namespace {
 constexpr int kSelectThreads = 256;
 constexpr int kMaxBlockSort = 2048;  // rows with k above this are sorted by at::sort
 
+// ReLU for the select. A NaN stays NaN, as one canonical NaN (bits 0x7fc00000:
+// above +Inf's 0x7f800000, so it ranks first, as in torch.topk, and NaNs tie
+// among themselves, lowest index first); the loss then goes NaN.
 template <typename scalar_t>
 __device__ __forceinline__ float relu_value(scalar_t raw) {
   const float f = static_cast<float>(raw);
-  return f > 0.f ? f : 0.f;  // NaN counts as 0
+  if (f != f) return __uint_as_float(0x7fc00000u);
+  return f > 0.f ? f : 0.f;
 }
 
+// (value desc, index asc), NaN above every value
 __device__ __forceinline__ bool ahead(float va, int ia, float vb, int ib) {
+  const bool na = va != va, nb = vb != vb;
+  if (na || nb) return na && (!nb || ia < ib);
   return va > vb || (va == vb && ia < ib);
 }
 
@@ -212,14 +219,14 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cuda(const at::Tensor& x,       /
   at::Tensor &values = a.values, &indices = a.indices;
   const int64_t B = a.B, F = a.F;
   if (B == 0) return {values, indices};
-  const int64_t rows = encode_block_rows(B, F, xe.element_size(), int64_t(256) << 20);
+  const int64_t rows = encode_block_rows(B, F, xe.element_size(), sparse_strategy().encode_block_bytes);
   const auto Wt = W.t();
   auto stream = c10::cuda::getCurrentCUDAStream();
   for (int64_t r0 = 0; r0 < B; r0 += rows) {
     const int64_t nr = std::min(rows, B - r0);
     const auto z = at::addmm(b, xe.narrow(0, r0, nr), Wt).contiguous();  // [nr, F]
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xe.scalar_type(), "topk_encode_cuda", [&] {
-      topk_select_kernel<scalar_t><<<static_cast<unsigned>(nr), kSelectThreads, 0, stream>>>(
+      DUALENC_LAUNCH(topk_select_kernel<scalar_t>, checked_grid(nr, "topk_select_kernel"), kSelectThreads, 0, stream)(
           z.const_data_ptr<scalar_t>(), values.mutable_data_ptr<scalar_t>() + r0 * k,
           indices.mutable_data_ptr<int64_t>() + r0 * k, F, k);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -243,10 +250,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_backward_cuda(
     const at::Tensor& x,            // [B, d]
     const at::Tensor& weight,       // [F, d]
     const std::optional<at::Tensor>& pre_bias,  // [d] or None
-    bool need_x_grad, bool need_weight_grad, bool check_indices) {
+    bool need_x_grad, bool need_weight_grad, bool check_indices, int64_t sparse_form) {
   const c10::cuda::CUDAGuard guard(values.device());
   return topk_encode_backward_impl<Prims>(grad_values, values, indices, x, weight, pre_bias, need_x_grad,
-                                          need_weight_grad, check_indices);
+                                          need_weight_grad, check_indices, sparse_form);
 }
 
 }  // namespace

@@ -3,14 +3,15 @@
 Entry point: :func:`write_report`. It runs whatever the inputs allow:
 
 * weight analysis (always): norm bimodality, contribution norms, group
-  comparisons, correlations, Gram statistics, PCA - :mod:`dualenc_fast.analysis`;
+  comparisons, correlations, Gram statistics, PCA - :mod:`dualenc_fast.analysis.weights`;
 * reconstruction metrics and component ablations (with ``activations_val``) -
-  :mod:`dualenc_fast.eval`;
+  :mod:`dualenc_fast.eval.metrics`;
 * the KL / CE splice test (with ``lm``, ``layer`` and ``token_windows``);
 * the integration-feature study (with ``integration=True``, a tokenizer and an
-  LM) - :mod:`dualenc_fast.integration`;
+  LM) - :mod:`dualenc_fast.analysis.integration`;
 
 and writes ``report.md``, ``results.json`` and the plots into ``out_dir``.
+:func:`demo_hook` is what ``dualenc demo`` calls after training.
 """
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ from typing import Any, Dict, Mapping, Optional
 import numpy as np
 import torch
 
-from . import analysis as A
-from . import eval as E
+from ..analysis import weights as A
+from . import metrics as E
 
 
 def _mpl():
@@ -251,7 +252,7 @@ def write_report(
     ``layer`` indexing :func:`dualenc_fast.lm.decoder_layers` (the block's
     output is spliced), ``scale`` the activation scale the models expect.
     ``integration=True`` (needs ``lm``, ``tokenizer``, ``layer``,
-    ``activations_val``) runs :func:`dualenc_fast.integration.integration_study`
+    ``activations_val``) runs :func:`dualenc_fast.analysis.integration.integration_study`
     on every joint model (``integration_kwargs`` are passed on).
     ``gram_max_features``: subsample features for the Gram statistics above
     this count (None: all, exact; costs ``F^2 d`` flops). ``analysis=False``
@@ -409,7 +410,7 @@ def write_report(
 
     # --- integration features
     if integration and lm is not None and tokenizer is not None and layer is not None and activations_val is not None:
-        from .integration import integration_study
+        from ..analysis.integration import integration_study
 
         results["integration"] = {}
         md += ["## Integration features", "",
@@ -453,3 +454,49 @@ def write_report(
     path = out / "report.md"
     path.write_text("\n".join(md))
     return path
+
+
+def demo_hook(context: dict) -> dict:
+    """Called by ``dualenc demo`` after training: the full evaluation + analysis report.
+
+    Writes ``OUT/report/report.md`` (plots, results.json) for the demo's models
+    (sae, sae_bias, sequential, joint) with ``sae`` as the baseline, the KL/CE
+    splice test on validation windows of the store (32 windows, 2 eps samples;
+    quick: 4 and 1), and (unless ``quick``) the integration-feature study
+    (2 secondary features, 2 generated tokens). Returns the report path and headline numbers.
+    """
+    import sys
+    from pathlib import Path
+
+    quick = bool(context.get("quick"))
+    store = context["store"]
+    models = context["models"]
+    out = Path(context["out"]) / "report"
+    val = store.tensor("val", max_rows=5000 if quick else 50_000)
+    lm, tok, layer = context.get("lm"), context.get("tokenizer"), context.get("layer")
+    windows, skip = (None, 0)
+    if lm is not None:
+        try:
+            windows, skip = E.windows_from_store(store, 4 if quick else 32)
+        except ValueError as exc:
+            print(f"[demo] splice test skipped: {exc}", file=sys.stderr)
+    path = write_report(
+        out, models, val, lm=lm, tokenizer=tok, layer=layer, token_windows=windows,
+        baseline="sae" if "sae" in models else None, n_eps=1 if quick else 2, skip_first=skip,
+        n_sim=50 if quick else 500, gram_max_features=1024 if quick else 8192, seed=int(context.get("seed", 0)),
+        integration=not quick and lm is not None and tok is not None,
+        integration_kwargs={"n_features": 2, "max_new_tokens": 2, "max_rows": 20000,
+                            "sae2_kwargs": {"steps": 1000}},
+        title="dualenc demo: evaluation and analysis", verbose=True,
+        metadata={"language model": store.manifest.get("model"), "layer": layer,
+                  "activations": store.count, "validation rows": int(val.shape[0])},
+    )
+    print(f"[demo] report: {path}", file=sys.stderr)
+    import json
+
+    res = json.loads((out / "results.json").read_text())
+    summary = {"report": str(path)}
+    summary["bimodal"] = {n: a["bimodality"]["bimodal"] for n, a in res.get("analysis", {}).items()}
+    summary["kl_ratio"] = {n: r["kl_ratio"] for n, r in res.get("splice", {}).get("models", {}).items()}
+    summary["ce_increase"] = {n: r["ce_increase"] for n, r in res.get("splice", {}).get("models", {}).items()}
+    return summary

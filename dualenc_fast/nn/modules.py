@@ -33,7 +33,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
-from .reference import functional as RF
+from ..reference import functional as RF
 
 Tensor = torch.Tensor
 
@@ -51,7 +51,7 @@ def resolve_backend(backend: str):
     if backend == "reference":
         return "reference", RF
     if backend == "fused":
-        from ._ext import require_extension
+        from .._ext import require_extension
 
         require_extension()
         try:
@@ -61,7 +61,7 @@ def resolve_backend(backend: str):
                 f"backend='fused' requested but dualenc_fast.ops cannot be imported ({exc}); "
                 "use backend='reference'"
             ) from exc
-    from ._ext import extension_available
+    from .._ext import extension_available
 
     reason = "the compiled extension dualenc_fast._C is not available"
     if extension_available():
@@ -90,12 +90,17 @@ class SparseCode:
     which are in range by construction: the compiled ops then skip their index
     range check, a device sync per call on CUDA. Leave it False for indices
     from elsewhere, and do not modify a trusted code's indices in place.
+
+    ``sorted`` marks rows already ordered by value descending, then index
+    ascending (``topk_encode`` returns them so): the NFM's top-N re-selection
+    of such a code is its first N columns, taken without a sort.
     """
 
     values: Tensor
     indices: Tensor
     num_features: int
     trusted: bool = field(default=False, compare=False, repr=False)
+    sorted: bool = field(default=False, compare=False, repr=False)
 
     @property
     def k(self) -> int:
@@ -106,7 +111,7 @@ class SparseCode:
         return RF.dense_code(self.values, self.indices, self.num_features)
 
     def detach(self) -> "SparseCode":
-        return SparseCode(self.values.detach(), self.indices, self.num_features, self.trusted)
+        return SparseCode(self.values.detach(), self.indices, self.num_features, self.trusted, self.sorted)
 
     def l0(self) -> Tensor:
         """Mean number of non-zero entries per row."""
@@ -187,16 +192,21 @@ class _Common:
     def save(self, path) -> None:
         """Write ``path/`` = ``model.safetensors`` (reference names, normalisation
         folded in) + ``config.json``. Atomic per file."""
-        from .checkpoint import save_model
+        from .serialize import save_model
 
         save_model(self, path)
 
     @classmethod
     def load(cls, path, *, backend: str = "auto", device="cpu"):
-        """Load a model written by :meth:`save` (safetensors + JSON; never unpickles)."""
-        from .checkpoint import load_model
+        """Load a model written by :meth:`save` (safetensors + JSON; never unpickles), or the
+        model of a training checkpoint or finished run folder (see
+        :func:`dualenc_fast.nn.serialize.read_model`)."""
+        from .serialize import read_model
 
-        model = load_model(path, backend=backend, device=device)
+        config, state = read_model(path)
+        model = build_model(config, backend=backend)
+        model.load_state_dict(state)
+        model = model.to(device)
         if not isinstance(model, cls):
             raise ValueError(f"{path} holds a {type(model).__name__}, not a {cls.__name__}")
         return model
@@ -308,7 +318,7 @@ class TopKSparseAutoencoder(_Common, nn.Module):
         if s is not None:
             x = x * s
         values, indices = self._fn.topk_encode(x, self.W_enc, self.b_enc, self.k, pre_bias=self.b_dec)
-        return SparseCode(values, indices, self.hidden_dim, trusted=True)
+        return SparseCode(values, indices, self.hidden_dim, trusted=True, sorted=True)
 
     def decode(self, code: SparseCode) -> Tensor:
         out = self._fn.sparse_decode(code.values, code.indices, self.decoder.weight, self.output_bias(),
@@ -512,7 +522,10 @@ class NeuralFactorizationMachine(_Common, nn.Module):
     def forward_sparse(self, code: SparseCode) -> NFMOutput:
         values, indices = code.values, code.indices
         if self.top_n is not None and self.top_n < values.shape[-1]:
-            values, indices = self._fn.topn_reselect(values, indices, self.top_n)
+            if code.sorted:  # rows ordered as topn_reselect orders them: the first N columns
+                values, indices = values[..., : self.top_n], indices[..., : self.top_n]
+            else:
+                values, indices = self._fn.topn_reselect(values, indices, self.top_n)
         check = not code.trusted  # top-N re-selection keeps a subset of the indices
         linear_out = self._fn.sparse_decode(values, indices, self.linear.weight, self.linear.bias,
                                             check_indices=check)
@@ -542,7 +555,7 @@ class NeuralFactorizationMachine(_Common, nn.Module):
             width = min(width, self.top_n)
         width = max(1, min(width, f.shape[-1]))
         values, indices = RF.select_topk(f, width)
-        return tuple(self.forward_sparse(SparseCode(values, indices, f.shape[-1], trusted=True)))
+        return tuple(self.forward_sparse(SparseCode(values, indices, f.shape[-1], trusted=True, sorted=True)))
 
     @torch.no_grad()
     def _scale_outputs_(self, factor: float) -> None:

@@ -4,7 +4,8 @@ Nothing here unpickles: ``torch.load`` is never used. Every file is written
 atomically (a temporary file in the same folder, ``fsync``, ``os.replace``),
 and a training checkpoint is a folder written under a temporary name and
 renamed into place, so an interrupted write leaves the previous checkpoint
-loadable.
+loadable. The atomic writes are :mod:`dualenc_fast.storage`'s and model folders
+(``save_model``) :mod:`dualenc_fast.nn.serialize`'s; both are importable from here.
 
 Layouts
 - model folder (``save_model``): ``config.json`` + ``model.safetensors`` with the
@@ -13,10 +14,23 @@ Layouts
 - training checkpoint (``save_checkpoint``): ``run/checkpoints/step_XXXXXXXX/``
   holding ``model.safetensors`` + ``model.json`` (exact, unfolded state),
   ``state.safetensors`` + ``state.json`` (optimizer, scheduler, RNG states,
-  step, trainer extras); ``run/checkpoints/latest.json`` names the newest.
+  step, trainer extras) + ``checkpoint.json`` (the sha256 and size of each of
+  those four files, itself sealed by a hash of its own content; written last,
+  so its presence marks a complete folder); ``run/checkpoints/latest.json``
+  names the newest.
+
+Verification: :func:`verify_checkpoint` checks every file of a checkpoint
+against ``checkpoint.json``, :func:`load_checkpoint` calls it, and
+:func:`find_resumable` walks a run's checkpoints newest first, skipping (and
+reporting) the ones that are incomplete or fail their hashes. A model folder's
+``config.json`` records the sha256 of its ``model.safetensors``;
+:func:`load_model` checks it. Failures raise
+:class:`dualenc_fast.errors.CorruptFileError` (a ``ValueError``) naming the file.
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import math
 import os
@@ -31,87 +45,25 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-MODEL_FORMAT = "dualenc_fast.model"
+from ..errors import DISK_FULL_ERRNOS, CheckpointError, CorruptFileError, DiskFullError, NoGoodCheckpointError  # noqa: F401
+from ..nn.serialize import MODEL_FORMAT, load_verified_weights, save_model  # noqa: F401  (model folders live in nn/)
+from ..storage import (_atomic_write, _fsync_dir, _prepare, atomic_save_tensors, atomic_write_bytes,  # noqa: F401
+                       atomic_write_json, atomic_write_text, file_record, file_sha256, load_tensors, read_json,
+                       verify_file)
+
+from .._compat import share_names
+
+share_names(__name__)  # patching save_file, atomic_* here patches them in storage too
+
 CHECKPOINT_FORMAT = "dualenc_fast.checkpoint"
 FORMAT_VERSION = 1
+CHECKPOINT_MANIFEST = "checkpoint.json"
+MANIFEST_FORMAT_NAME = "dualenc_fast.checkpoint_manifest"
+CHECKPOINT_FILES = ("model.safetensors", "model.json", "state.safetensors", "state.json")
 
 
-# --------------------------------------------------------------------------- atomic files
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(str(folder), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path, writer) -> Path:
-    """Call ``writer(tmp_path)``, fsync the result, then ``os.replace`` it onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    os.close(fd)
-    try:
-        writer(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def atomic_write_bytes(path, data: bytes) -> Path:
-    def writer(tmp):
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-
-    return _atomic_write(path, writer)
-
-
-def atomic_write_text(path, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path, obj) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-def _prepare(tensors: dict) -> dict:
-    out = {}
-    for key, t in tensors.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{key}: expected a tensor, got {type(t).__name__}")
-        out[key] = t.detach().to("cpu").contiguous()
-    return out
-
-
-def atomic_save_tensors(path, tensors: dict, metadata: Optional[dict] = None) -> Path:
-    """Write ``tensors`` as one safetensors file, atomically."""
-    tensors = _prepare(tensors)
-    meta = {k: str(v) for k, v in (metadata or {}).items()}
-    return _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
-
-
-def load_tensors(path, device="cpu") -> dict:
-    return load_file(str(path), device=str(device))
-
-
-def read_json(path) -> Any:
-    with open(path, "r", encoding="utf-8") as fh:
-        return json.load(fh)
+class CheckpointWarning(UserWarning):
+    """A checkpoint was skipped (incomplete or corrupt) while looking for one to resume from."""
 
 
 # --------------------------------------------------------------------------- nested state <-> (JSON, tensors)
@@ -210,35 +162,10 @@ def set_rng_state(state: dict) -> None:
 # --------------------------------------------------------------------------- models
 
 
-def save_model(model, path, *, extra: Optional[dict] = None) -> Path:
-    """Write ``path/config.json`` + ``path/model.safetensors`` (reference names;
-    input normalisation folded into the weights)."""
-    from . import __version__
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    scale = 1.0
-    if getattr(model, "normalizes_input", False):
-        scale = float(getattr(model, "primary_sae", model).input_scale)
-    folded = model.folded()
-    config = {
-        "format": MODEL_FORMAT,
-        "format_version": FORMAT_VERSION,
-        "dualenc_fast_version": __version__,
-        **folded.config(),
-        "folded_input_scale": scale,
-    }
-    if extra:
-        config["extra"] = extra
-    atomic_save_tensors(path / "model.safetensors", folded.state_dict(), metadata={"format": MODEL_FORMAT})
-    atomic_write_json(path / "config.json", config)
-    return path
-
-
 def load_model(path, *, backend: str = "auto", device="cpu"):
     """Load a module from a model folder written by ``save()``, a training run folder
     (its ``model/``), a checkpoint folder, or a SAELens folder. Never unpickles."""
-    from .modules import build_model
+    from ..nn.modules import build_model
 
     path = Path(path)
     if path.is_file() and path.suffix == ".safetensors":
@@ -251,23 +178,35 @@ def load_model(path, *, backend: str = "auto", device="cpu"):
         return load_model(path / "model", backend=backend, device=device)
     if not (path / "config.json").exists():
         if (path / "model.json").exists():  # a training checkpoint
+            verify_checkpoint(path)
             config = read_json(path / "model.json")
             model = build_model(config, backend=backend)
             model.load_state_dict(load_tensors(path / "model.safetensors"))
             return model.to(device)
-        ckpt = latest_checkpoint(path)
+        ckpt = _newest_good_or_none(path)
         if ckpt is not None:
             return load_model(ckpt, backend=backend, device=device)
         raise FileNotFoundError(f"{path} holds no config.json/model.safetensors (nor a run or SAELens folder)")
     config = read_json(path / "config.json")
-    if config.get("format") != MODEL_FORMAT:
-        ckpt = latest_checkpoint(path)  # a training run still in progress: its newest checkpoint
+    if not isinstance(config, dict) or config.get("format") != MODEL_FORMAT:
+        ckpt = _newest_good_or_none(path)  # a training run still in progress: its newest checkpoint
         if ckpt is not None:
             return load_model(ckpt, backend=backend, device=device)
-        raise ValueError(f"{path / 'config.json'} is not a dualenc_fast model config (format={config.get('format')!r})")
+        fmt = config.get("format") if isinstance(config, dict) else None
+        raise CorruptFileError(f"{path / 'config.json'} is not a dualenc_fast model config (format={fmt!r})")
     model = build_model(config, backend=backend)
-    model.load_state_dict(load_tensors(path / "model.safetensors"))
+    model.load_state_dict(load_verified_weights(path, config))
     return model.to(device)
+
+
+def _newest_good_or_none(run_dir) -> Optional[Path]:
+    """The newest checkpoint of a run that verifies (skipped ones are warned about), or None;
+    a run whose checkpoints all fail raises :class:`NoGoodCheckpointError`."""
+    found, skipped = find_resumable(run_dir)
+    _warn_skipped(skipped)
+    if found is None and skipped:
+        raise NoGoodCheckpointError(_none_good_message(run_dir, skipped))
+    return found
 
 
 # --------------------------------------------------------------------------- training checkpoints
@@ -282,16 +221,79 @@ def _step_name(step: int) -> str:
 
 
 def _complete(folder: Path) -> bool:
-    return all((folder / f).exists() for f in ("model.safetensors", "model.json", "state.json"))
+    return all((folder / f).exists() for f in ("model.safetensors", "model.json", "state.json", CHECKPOINT_MANIFEST))
 
 
-def list_checkpoints(run_dir) -> list:
-    """Complete checkpoint folders of a run, oldest first."""
+def _step_folders(run_dir) -> list:
+    """Every ``step_*`` folder of a run, complete or not, oldest first."""
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and _complete(p)]
-    return sorted(found, key=lambda p: p.name)
+    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")), key=lambda p: p.name)
+
+
+def list_checkpoints(run_dir) -> list:
+    """Complete checkpoint folders of a run, oldest first (complete: every file present;
+    :func:`verify_checkpoint` checks their contents)."""
+    return [p for p in _step_folders(run_dir) if _complete(p)]
+
+
+def _manifest_seal(doc: dict) -> str:
+    body = {k: v for k, v in doc.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
+
+
+def verify_checkpoint(folder) -> dict:
+    """Check a checkpoint folder against its ``checkpoint.json``: the manifest's own seal,
+    then the size and sha256 of each file. Returns the manifest; raises
+    :class:`CheckpointError` (a ``ValueError``) naming the first bad file."""
+    folder = Path(folder)
+    manifest = folder / CHECKPOINT_MANIFEST
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is not a checkpoint folder")
+    if not manifest.exists():
+        missing = [f for f in CHECKPOINT_FILES if not (folder / f).exists()]
+        what = f"lacks {', '.join(missing + [CHECKPOINT_MANIFEST])}" if missing else f"has no {CHECKPOINT_MANIFEST}"
+        raise CheckpointError(f"checkpoint {folder} is incomplete: it {what}")
+    try:
+        doc = read_json(manifest)
+    except CorruptFileError as exc:
+        raise CheckpointError(str(exc)) from exc
+    if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT_NAME:
+        raise CheckpointError(f"{manifest} is not a dualenc_fast checkpoint manifest")
+    if doc.get("sha256") != _manifest_seal(doc):
+        raise CheckpointError(f"{manifest} is corrupt: its content does not match its own sha256")
+    files = doc.get("files")
+    if not isinstance(files, dict) or any(f not in files for f in CHECKPOINT_FILES):
+        raise CheckpointError(f"{manifest} does not list every checkpoint file")
+    for name in CHECKPOINT_FILES:
+        verify_file(folder / name, files[name], error=CheckpointError)
+    return doc
+
+
+def find_resumable(run_dir):
+    """``(newest checkpoint that verifies or None, [(skipped folder, reason), ...])``,
+    walking the run's ``step_*`` folders newest first."""
+    skipped = []
+    for folder in reversed(_step_folders(run_dir)):
+        try:
+            verify_checkpoint(folder)
+        except CheckpointError as exc:
+            skipped.append((folder, str(exc)))
+            continue
+        return folder, skipped
+    return None, skipped
+
+
+def _warn_skipped(skipped) -> None:
+    for folder, reason in skipped:
+        warnings.warn(CheckpointWarning(f"skipping checkpoint {folder.name}: {reason}"), stacklevel=3)
+
+
+def _none_good_message(run_dir, skipped) -> str:
+    names = ", ".join(f.name for f, _ in skipped)
+    return (f"no usable checkpoint in {checkpoint_dir(run_dir)}: all {len(skipped)} fail verification ({names}); "
+            f"first reason: {skipped[0][1]}")
 
 
 def latest_checkpoint(run_dir) -> Optional[Path]:
@@ -318,6 +320,8 @@ def save_checkpoint(run_dir, step: int, model, optimizer=None, scheduler=None, *
     """
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-step_*"):  # left by a writer that was killed mid-checkpoint
+        shutil.rmtree(stale, ignore_errors=True)
     name = _step_name(step)
     final = root / name
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=str(root)))
@@ -332,6 +336,10 @@ def save_checkpoint(run_dir, step: int, model, optimizer=None, scheduler=None, *
             "extra": extra or {},
         }
         save_state(tmp / "state.json", tmp / "state.safetensors", state)
+        manifest = {"format": MANIFEST_FORMAT_NAME, "format_version": 1, "step": int(step),
+                    "files": {f: file_record(tmp / f) for f in CHECKPOINT_FILES}}
+        manifest["sha256"] = _manifest_seal(manifest)
+        atomic_write_json(tmp / CHECKPOINT_MANIFEST, manifest)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -341,21 +349,31 @@ def save_checkpoint(run_dir, step: int, model, optimizer=None, scheduler=None, *
         raise
     atomic_write_json(root / "latest.json", {"name": name, "step": int(step)})
     if keep and keep > 0:
-        for old in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        kept = list_checkpoints(run_dir)[-keep:]
+        for old in _step_folders(run_dir):  # also half-pruned or incomplete folders older than those kept
+            if old.name < kept[0].name:
+                shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def load_checkpoint(path, model=None, optimizer=None, scheduler=None, *, restore_rng: bool = True) -> dict:
-    """Read a checkpoint (a ``step_*`` folder or a run folder: its latest) and load it
-    into the objects given. Returns ``{"step", "extra", "path", "model_config",
+def load_checkpoint(path, model=None, optimizer=None, scheduler=None, *, restore_rng: bool = True,
+                    verify: bool = True) -> dict:
+    """Read a checkpoint (a ``step_*`` folder, or a run folder: its newest checkpoint that
+    verifies, warning about newer ones skipped) and load it into the objects given.
+    ``verify``: check every file against ``checkpoint.json`` first (raises
+    :class:`CheckpointError`). Returns ``{"step", "extra", "path", "model_config",
     "model_state", "optimizer", "scheduler", "rng"}``."""
     path = Path(path)
-    if not (path / "state.json").exists():
-        found = latest_checkpoint(path)
+    if not (path / "state.json").exists() and not (path / CHECKPOINT_MANIFEST).exists():
+        found, skipped = find_resumable(path)
+        _warn_skipped(skipped)
         if found is None:
+            if skipped:
+                raise NoGoodCheckpointError(_none_good_message(path, skipped))
             raise FileNotFoundError(f"no complete checkpoint under {path}")
         path = found
+    elif verify:
+        verify_checkpoint(path)
     model_state = load_tensors(path / "model.safetensors")
     state = load_state(path / "state.json", path / "state.safetensors")
     if model is not None:
@@ -387,7 +405,8 @@ NFM_SIDECAR = "dualenc_nfm.safetensors"
 
 
 def export_saelens(model, folder, *, model_name: Optional[str] = None, hook_name: Optional[str] = None,
-                   hook_layer: Optional[int] = None, context_size: int = 50, dataset_path: str = "") -> Path:
+                   hook_layer: Optional[int] = None, context_size: int = 50, dataset_path: str = "",
+                   feature_density: Optional[torch.Tensor] = None) -> Path:
     """Write a TopK SAE (or a joint model's primary SAE) in the SAELens layout:
     ``W_enc [d, F]``, ``b_enc [F]``, ``W_dec [F, d]``, ``b_dec [d]`` in
     ``sae_weights.safetensors`` plus ``cfg.json``. Input normalisation is folded in.
@@ -396,8 +415,11 @@ def export_saelens(model, folder, *, model_name: Optional[str] = None, hook_name
     an output-only decoder bias is folded into ``b_enc`` (exact). For a joint model
     the NFM, which SAELens cannot represent, goes to ``dualenc_nfm.safetensors``
     (reference names) and the SAELens files hold the SAE part only.
+    ``feature_density`` (``[F]``, the fraction of tokens each latent fired on, e.g.
+    from :func:`dualenc_fast.sae_metrics.standard_metrics`) also writes SAELens's
+    ``sparsity.safetensors`` (``{"sparsity": log10(density + 1e-10)}``).
     """
-    from .modules import JointSAENFM, TopKSparseAutoencoder
+    from ..nn.modules import JointSAENFM, TopKSparseAutoencoder
 
     model = model.folded()
     nfm = None
@@ -448,6 +470,12 @@ def export_saelens(model, folder, *, model_name: Optional[str] = None, hook_name
         "metadata": {"exported_by": "dualenc_fast", "has_nfm_sidecar": nfm is not None},
     }
     atomic_save_tensors(folder / SAELENS_WEIGHTS, tensors)
+    if feature_density is not None:
+        from ..eval.sae_metrics import SPARSITY_FILENAME, log_feature_density
+
+        if tuple(feature_density.shape) != (sae.hidden_dim,):
+            raise ValueError(f"feature_density must have shape ({sae.hidden_dim},), got {tuple(feature_density.shape)}")
+        atomic_save_tensors(folder / SPARSITY_FILENAME, {"sparsity": log_feature_density(feature_density)})
     if nfm is not None:
         atomic_save_tensors(folder / NFM_SIDECAR, nfm.state_dict())
         cfg["dualenc_nfm"] = nfm.config()
@@ -458,22 +486,36 @@ def export_saelens(model, folder, *, model_name: Optional[str] = None, hook_name
 def import_saelens(folder, *, backend: str = "auto", device="cpu", with_nfm: bool = True):
     """Read a SAELens TopK SAE folder into a :class:`TopKSparseAutoencoder` (or a
     :class:`JointSAENFM` when a ``dualenc_nfm.safetensors`` sidecar is present)."""
-    from .modules import JointSAENFM, TopKSparseAutoencoder
+    from ..nn.modules import JointSAENFM, TopKSparseAutoencoder
 
     folder = Path(folder)
     if not (folder / SAELENS_CFG).exists() or not (folder / SAELENS_WEIGHTS).exists():
         raise FileNotFoundError(f"{folder} needs {SAELENS_CFG} and {SAELENS_WEIGHTS} (SAELens layout)")
     cfg = read_json(folder / SAELENS_CFG)
-    w = load_tensors(folder / SAELENS_WEIGHTS)
+    w = {key: t.float() for key, t in load_tensors(folder / SAELENS_WEIGHTS).items()}
     for key in ("W_enc", "b_enc", "W_dec"):
         if key not in w:
             raise ValueError(f"{folder / SAELENS_WEIGHTS} lacks {key}")
+    arch = cfg.get("architecture", "topk")
+    if arch != "topk":
+        raise ValueError(f"{folder / SAELENS_CFG}: architecture {arch!r} is not supported (only 'topk')")
     d, F = w["W_enc"].shape
+    if tuple(w["W_dec"].shape) != (F, d) or tuple(w["b_enc"].shape) != (F,):
+        raise ValueError(f"{folder / SAELENS_WEIGHTS}: W_dec {tuple(w['W_dec'].shape)} / b_enc "
+                         f"{tuple(w['b_enc'].shape)} do not match W_enc {(d, F)}")
     k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
     if k is None:
         raise ValueError(f"{folder / SAELENS_CFG} does not give k (cfg 'k' or activation_fn_kwargs.k): not a TopK SAE")
-    if cfg.get("normalize_activations", "none") not in ("none", None):
-        warnings.warn(f"SAELens normalize_activations={cfg['normalize_activations']!r} is not applied on import")
+    norm = cfg.get("normalize_activations", "none")
+    if norm in ("constant_norm_rescale", "layer_norm"):
+        raise ValueError(f"{folder / SAELENS_CFG}: normalize_activations={norm!r} rescales each token at run time; "
+                         "it has no dualenc_fast equivalent")
+    if norm not in ("none", None, "expected_average_only_in"):  # that one is the identity at inference
+        warnings.warn(f"SAELens normalize_activations={norm!r} is not applied on import")
+    if cfg.get("rescale_acts_by_decoder_norm"):
+        # TopK of (pre * n_i), decode (a / n_i) @ W_dec: fold n_i = ||W_dec[i]|| into the weights (exact)
+        n = w["W_dec"].norm(dim=1)
+        w["W_enc"], w["b_enc"], w["W_dec"] = w["W_enc"] * n, w["b_enc"] * n, w["W_dec"] / n.clamp_min(1e-30)[:, None]
     b_dec = w.get("b_dec", torch.zeros(d))
     apply_to_input = bool(cfg.get("apply_b_dec_to_input", True))
     nonzero_bias = bool(torch.any(b_dec != 0))

@@ -32,8 +32,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .eval import eval_mode, iter_batches, model_device_dtype
-from .reference import functional as RF
+from ..nn.running import eval_mode, iter_batches, model_device_dtype
+from ..reference import functional as RF
 
 Tensor = torch.Tensor
 
@@ -146,7 +146,7 @@ def train_secondary_sae(
     activation per feature, see :func:`feature_reference_activation`) and
     ``train_fvu`` attached as attributes.
     """
-    from .reference.modules import TopKSparseAutoencoder
+    from ..reference.modules import TopKSparseAutoencoder
 
     hidden = hidden.detach().float()
     N, K = hidden.shape
@@ -215,7 +215,7 @@ class ClampIntervention:
     ``pre' = pre + (c - g_j) * D2[:, j]`` (``g`` the secondary code of ``pre``,
     ``D2`` its decoder, ``c = value``; ``value`` may also be a ``[batch]`` tensor,
     one value per sequence, NaN leaving that sequence untouched). ``scale_in`` is the activation scale the
-    joint model expects (as :func:`dualenc_fast.eval.splice_test`'s ``scale``).
+    joint model expects (as :func:`dualenc_fast.eval.metrics.splice_test`'s ``scale``).
     The first ``skip_first`` positions of each call's sequence are left alone
     (attention-sink positions the models never saw; set it to 0 for calls that
     only feed new tokens through a KV cache).
@@ -224,7 +224,7 @@ class ClampIntervention:
 
     def __init__(self, lm, layer: int, model, sae2, feature: int, value: Optional[float] = None,
                  scale: float = 1.0, skip_first: int = 0):
-        from .lm import decoder_layers
+        from ..lm import decoder_layers
 
         self.layer_module = decoder_layers(lm)[layer]
         self.model = model
@@ -272,7 +272,7 @@ class ClampIntervention:
         return diff
 
     def _hook(self, module, inputs, output):
-        from .lm import layer_output, replace_layer_output
+        from ..lm import layer_output, replace_layer_output
 
         if self.value is None:
             return None
@@ -495,13 +495,12 @@ def select_features(lm, tokenizer, layer: int, model, sae2, *, n: int = 3,
     """Secondary features whose mean activation on the stimulus prompts has the
     largest |2x2 interaction contrast| (formal-emotional - formal-neutral -
     casual-emotional + casual-neutral); ties/zeros fall back to activation mass."""
-    from .eval import _LayerSplice
-    from .lm import decoder_layers
+    from ..lm import LayerSplice, decoder_layers
 
     stimuli = stimuli or DEFAULT_STIMULI
     device = next(lm.parameters()).device
     cells = sorted(stimuli)
-    splice = _LayerSplice(decoder_layers(lm)[layer])
+    splice = LayerSplice(decoder_layers(lm)[layer])
     means = []
     try:
         for cell in cells:

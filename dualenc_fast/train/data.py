@@ -18,13 +18,16 @@ import io
 import json
 import math
 import os
+import queue
+import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Iterable, Iterator, List, Optional, Sequence, Union
 
 import torch
 
-from .checkpoint import atomic_save_tensors, atomic_write_json, load_tensors, read_json
+from ..errors import DataError
+from ..storage import atomic_save_tensors, atomic_write_json, load_tensors, read_json
 
 MANIFEST_FORMAT = "dualenc_fast.activations"
 WINDOW = 50
@@ -149,8 +152,9 @@ def _shard_name(i: int) -> str:
 
 
 class _ShardWriter:
-    def __init__(self, folder: Path, shard_rows: int, dtype: torch.dtype):
+    def __init__(self, folder: Path, shard_rows: int, dtype: torch.dtype, first_shard: int = 0):
         self.folder, self.shard_rows, self.dtype = folder, shard_rows, dtype
+        self.first_shard = first_shard
         self.buf, self.tok, self.pos, self.rows = [], [], [], 0
         self.shards: List[dict] = []
         self.count = 0
@@ -181,7 +185,7 @@ class _ShardWriter:
 
     def _flush(self, n: int) -> None:
         acts, tok, pos = torch.cat(self.buf), torch.cat(self.tok), torch.cat(self.pos)
-        name = _shard_name(len(self.shards))
+        name = _shard_name(self.first_shard + len(self.shards))
         atomic_save_tensors(self.folder / name, {"activations": acts[:n], "tokens": tok[:n], "positions": pos[:n]})
         self.shards.append({"file": name, "count": int(n)})
         self.buf, self.tok, self.pos = [acts[n:]], [tok[n:]], [pos[n:]]
@@ -210,13 +214,22 @@ def collect_activations(
     source: str = "",
     progress: bool = True,
     stop_early: bool = True,
+    rank: Optional[int] = None,
+    world_size: Optional[int] = None,
 ) -> dict:
     """Run ``model`` on ``windows`` (or ``texts`` cut into ``window``-token windows)
     and store the output of decoder layer ``layer`` as sharded safetensors + a
     manifest in ``out_dir``. ``skip_first`` drops the first positions of each
-    window (0 = keep all, as the paper). Returns the manifest."""
-    from .lm import decoder_layers, layer_output
-    from .progress import Progress
+    window (0 = keep all, as the paper). Returns the manifest.
+
+    In a ``torch.distributed`` process group (torchrun; ``rank``/``world_size``
+    default to the group's), every rank calls this with the same arguments: the
+    shards of the one-process collection are dealt out in contiguous runs, each
+    rank runs the model on the windows its shards cover and writes them, and
+    rank 0 writes one manifest listing all shards. The folder holds the same
+    files, rows and split as a one-process collection."""
+    from ..lm import decoder_layers, layer_output
+    from ..progress import Progress
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -236,12 +249,26 @@ def collect_activations(
     window = windows.shape[1]
     if not 0 <= skip_first < window:
         raise ValueError(f"skip_first must be in [0, {window}), got {skip_first}")
+    from .. import distributed as dist_
+
+    rank = dist_.rank() if rank is None else int(rank)
+    world_size = dist_.world_size() if world_size is None else int(world_size)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if (out_dir / "manifest.json").exists():
-        os.unlink(out_dir / "manifest.json")
-    for old in out_dir.glob("shard_*.safetensors"):
-        old.unlink()
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if (out_dir / "manifest.json").exists():
+            os.unlink(out_dir / "manifest.json")
+        for old in out_dir.glob("shard_*.safetensors"):
+            old.unlink()
+    if world_size > 1:
+        dist_.barrier()
+    # this rank's shards of the one-process layout, the rows they hold, the windows covering them
+    per_window = window - skip_first
+    n_rows = windows.shape[0] * per_window
+    n_shards = max(1, math.ceil(n_rows / shard_rows))
+    first_shard, end_shard = n_shards * rank // world_size, n_shards * (rank + 1) // world_size
+    row_lo, row_hi = min(first_shard * shard_rows, n_rows), min(end_shard * shard_rows, n_rows)
+    win_lo, win_hi = row_lo // per_window, math.ceil(row_hi / per_window)
 
     captured = {}
 
@@ -251,18 +278,17 @@ def collect_activations(
             raise _StopForward
 
     device = next(model.parameters()).device
-    writer = _ShardWriter(out_dir, shard_rows, DTYPES[dtype])
+    writer = _ShardWriter(out_dir, shard_rows, DTYPES[dtype], first_shard)
     handle = layers[layer].register_forward_hook(hook)
     positions = torch.arange(skip_first, window)
     was_training = model.training
     model.eval()
     d = None
     try:
-        bar = Progress(windows.shape[0] * (window - skip_first), f"collect layer {layer}", unit="tok",
-                       enabled=progress)
+        bar = Progress(row_hi - row_lo, f"collect layer {layer}", unit="tok", enabled=progress and rank == 0)
         with torch.no_grad():
-            for start in range(0, windows.shape[0], batch_size):
-                ids = windows[start:start + batch_size]
+            for start in range(win_lo, win_hi, batch_size):
+                ids = windows[start:min(start + batch_size, win_hi)]
                 try:
                     model(input_ids=ids.to(device))
                 except _StopForward:
@@ -270,13 +296,31 @@ def collect_activations(
                 h = captured.pop("h")[:, skip_first:, :].float().cpu()
                 d = h.shape[-1]
                 b = ids.shape[0]
-                writer.add(h.reshape(-1, d), ids[:, skip_first:].reshape(-1), positions.repeat(b))
-                bar.update(b * (window - skip_first))
+                # keep the rows of this rank's shards (windows at the edges are shared)
+                first_row = start * per_window
+                lo, hi = max(row_lo - first_row, 0), min(row_hi - first_row, b * per_window)
+                writer.add(h.reshape(-1, d)[lo:hi], ids[:, skip_first:].reshape(-1)[lo:hi],
+                           positions.repeat(b)[lo:hi])
+                bar.update(hi - lo)
         bar.close()
     finally:
         handle.remove()
         model.train(was_training)
     writer.close()
+    if world_size > 1:
+        parts = dist_.all_gather_object({
+            "shards": writer.shards, "count": writer.count, "d": d, "sum": writer.sum,
+            "sq_norm_sum": writer.sq_norm_sum, "norm_sum": writer.norm_sum})
+        if rank != 0:
+            dist_.barrier()  # rank 0 writes the manifest
+            return read_json(out_dir / "manifest.json")
+        writer.shards = [s for part in parts for s in part["shards"]]
+        writer.count = sum(part["count"] for part in parts)
+        d = next(part["d"] for part in parts if part["d"] is not None)
+        sums = [part["sum"] for part in parts if part["sum"] is not None]
+        writer.sum = torch.stack(sums).sum(0)
+        writer.sq_norm_sum = sum(part["sq_norm_sum"] for part in parts)
+        writer.norm_sum = sum(part["norm_sum"] for part in parts)
     mean = writer.sum / writer.count
     atomic_save_tensors(out_dir / "stats.safetensors", {"mean": mean.float()})
     mean_sq = writer.sq_norm_sum / writer.count
@@ -305,6 +349,8 @@ def collect_activations(
         },
     }
     atomic_write_json(out_dir / "manifest.json", manifest)
+    if world_size > 1:
+        dist_.barrier()
     return manifest
 
 
@@ -359,6 +405,8 @@ class ActivationStore:
         self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), self.counts.cumsum(0)])
         self._cache: "OrderedDict[int, torch.Tensor]" = OrderedDict()
         self.cache_shards = max(1, cache_shards)
+        self._lock = threading.Lock()  # the batch prefetcher reads from its own thread
+        self._checked: set = set()  # shards found finite (checked once, on first load)
 
     def __repr__(self) -> str:
         return f"ActivationStore({str(self.folder)!r}, count={self.count}, d={self.d}, shards={len(self.shards)})"
@@ -382,16 +430,49 @@ class ActivationStore:
         return load_tensors(self.folder / "stats.safetensors")["mean"]
 
     # ---- shards
+    def stored_shard(self, i: int) -> torch.Tensor:
+        """The activations of shard ``i`` in their stored dtype, memory-mapped from the
+        file (safetensors maps it on the CPU; nothing is read until rows are touched,
+        and processes reading the same shard share the page cache). Cached: the
+        ``cache_shards`` most recently used maps stay open. Checked for NaN/Inf (and
+        its shape) once, the first time it is opened."""
+        with self._lock:
+            if i in self._cache:
+                self._cache.move_to_end(i)
+                return self._cache[i]
+            path = self.folder / self.shards[i]["file"]
+            try:
+                t = load_tensors(path)["activations"]
+            except KeyError:
+                raise DataError(f"{path} holds no 'activations' tensor: not a dualenc_fast activation shard") from None
+            if i not in self._checked:
+                self._check_finite(i, path, t)
+                self._checked.add(i)
+            self._cache[i] = t
+            while len(self._cache) > self.cache_shards:
+                self._cache.popitem(last=False)
+            return t
+
     def shard(self, i: int) -> torch.Tensor:
-        """The activations of shard ``i`` as float32 (cached)."""
-        if i in self._cache:
-            self._cache.move_to_end(i)
-            return self._cache[i]
-        t = load_tensors(self.folder / self.shards[i]["file"])["activations"].float()
-        self._cache[i] = t
-        while len(self._cache) > self.cache_shards:
-            self._cache.popitem(last=False)
-        return t
+        """The activations of shard ``i`` as float32 (a float32 shard stays memory-mapped;
+        16-bit shards are converted, a copy)."""
+        return self.stored_shard(i).float()
+
+    def _check_finite(self, i: int, path: Path, t: torch.Tensor) -> None:
+        """Raise :class:`DataError` naming the shard and row range if ``t`` holds NaN/Inf."""
+        if t.dim() != 2 or t.shape[1] != self.d or t.shape[0] != int(self.counts[i]):
+            raise DataError(f"{path}: activations of shape {tuple(t.shape)}, the manifest says "
+                            f"[{int(self.counts[i])}, {self.d}]")
+        if bool(torch.isfinite(t).all()):
+            return
+        bad = (~torch.isfinite(t)).any(dim=1).nonzero().squeeze(1)
+        lo, hi = int(bad[0]), int(bad[-1])
+        n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+        first = int(self.offsets[i])
+        raise DataError(
+            f"{path.name} (shard {i}) holds NaN/Inf activations in {bad.numel()} row(s) within rows {lo}..{hi} of "
+            f"the shard (rows {first + lo}..{first + hi} of the store; {n_nan} NaN, {n_inf} Inf values): "
+            "collect the activations again (a float32 --dtype avoids float16 overflow) or remove those rows")
 
     def _split_rows(self, i: int, split: str, val_fraction: float) -> torch.Tensor:
         n = int(self.counts[i])
@@ -416,7 +497,7 @@ class ActivationStore:
         out = torch.empty(ids.numel(), self.d, dtype=torch.float32)
         for s in torch.unique(shard_of).tolist():
             sel = (shard_of == s).nonzero().squeeze(1)
-            out[sel] = self.shard(s).index_select(0, ids[sel] - self.offsets[s])
+            out[sel] = self.stored_shard(s).index_select(0, ids[sel] - self.offsets[s]).float()
         return out
 
     def tensor(self, split: str = "val", val_fraction: float = 0.1, max_rows: Optional[int] = None) -> torch.Tensor:
@@ -457,16 +538,29 @@ class ActivationStore:
 
     def loader(self, batch_size: int, seed: int = 0, split: str = "train", val_fraction: float = 0.1, *,
                shuffle: Optional[bool] = None, start_batch: int = 0, epochs: Optional[int] = None,
-               shuffle_shards: int = 4, device="cpu") -> Iterator[torch.Tensor]:
+               shuffle_shards: int = 4, device="cpu", rank: int = 0,
+               world_size: int = 1) -> Iterator[torch.Tensor]:
         """Stream ``[batch_size, d]`` float32 batches.
 
         ``split="train"`` (default): shuffled, endless unless ``epochs`` is given,
         reproducible from ``seed``; batch ``i`` is the same whatever ``start_batch``
         the iteration began at, so ``start_batch=step`` resumes exactly.
         ``split="val"``: in order, one pass, last batch may be short (unless
-        ``shuffle=True``)."""
+        ``shuffle=True``).
+
+        Data-parallel (shuffled only): ``batch_size`` is the global batch and rank
+        ``rank`` of ``world_size`` gets rows ``[rank * b, (rank + 1) * b)`` of each
+        global batch, ``b = batch_size // world_size``; the global order does not
+        depend on ``world_size``."""
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank must lie in [0, world_size), got rank {rank} of {world_size}")
+        if batch_size % world_size:
+            raise ValueError(f"batch_size ({batch_size}) must be a multiple of the number of processes "
+                             f"({world_size}): it is the global batch, split evenly across them")
+        if world_size > 1 and shuffle is False:
+            raise ValueError("rank/world_size apply to the shuffled training stream only")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         if shuffle is None:
@@ -490,10 +584,76 @@ class ActivationStore:
         epoch, skip = divmod(int(start_batch), per_epoch)
         while epochs is None or epoch < epochs:
             batches = self.epoch_batches(batch_size, seed, epoch, split, val_fraction, shuffle_shards)
+            per_rank = batch_size // world_size
             for b in range(skip, batches.shape[0]):
-                yield self.rows(batches[b]).to(device)
+                ids = batches[b] if world_size == 1 else batches[b, rank * per_rank:(rank + 1) * per_rank]
+                yield self.rows(ids).to(device)
             skip = 0
             epoch += 1
+
+
+class BatchPrefetcher:
+    """Wrap a batch iterator: a background thread gathers the next batches from
+    host memory (pinned when ``device`` is CUDA) while the step runs, and the
+    copy of batch ``i + 1`` to ``device`` is issued (non-blocking) when batch
+    ``i`` is handed out. Same batches, same order as the iterator."""
+
+    _DONE = object()
+
+    def __init__(self, batches: Iterator[torch.Tensor], device="cpu", depth: int = 2):
+        self.device = torch.device(device)
+        self.pin = self.device.type == "cuda"
+        self._it = batches
+        self._q: "queue.Queue" = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._next = None
+        self._thread = threading.Thread(target=self._work, name="dualenc-prefetch", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        try:
+            for x in self._it:
+                if self.pin:
+                    x = x.pin_memory()
+                while not self._stop.is_set():
+                    try:
+                        self._q.put(x, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+            self._q.put(self._DONE)
+        except BaseException as exc:  # handed to the consumer
+            self._q.put(exc)
+
+    def _fetch(self):
+        item = self._q.get()
+        if item is self._DONE:
+            self._q.put(item)
+            return None
+        if isinstance(item, BaseException):
+            raise item
+        return item.to(self.device, non_blocking=True)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        x = self._next if self._next is not None else self._fetch()
+        if x is None:
+            raise StopIteration
+        self._next = self._fetch()
+        return x
+
+    def close(self) -> None:
+        self._stop.set()
+        try:
+            while True:
+                self._q.get_nowait()
+        except queue.Empty:
+            pass
+        self._thread.join(timeout=5)
 
 
 # --------------------------------------------------------------------------- standardisation and outliers

@@ -13,7 +13,7 @@
   confidence intervals over windows.
 
 Every function takes modules built from :mod:`dualenc_fast.reference.modules`
-or the fused :mod:`dualenc_fast.modules` (same forward outputs); anything else
+or the fused :mod:`dualenc_fast.nn.modules` (same forward outputs); anything else
 that maps ``[B, d] -> [B, d]`` (or returns a tuple whose reconstruction is at
 the documented position) also works, see :func:`reconstruct`.
 """
@@ -26,8 +26,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..lm import LayerSplice as _LayerSplice  # noqa: F401
+from ..nn.running import Activations, eval_mode, iter_batches, model_device_dtype  # noqa: F401
+
 Tensor = torch.Tensor
-Activations = Union[Tensor, Iterable[Tensor]]
 
 ABLATIONS = ("sae", "sae+linear", "sae+interaction", "all")
 
@@ -36,32 +38,9 @@ ABLATIONS = ("sae", "sae+linear", "sae+interaction", "all")
 # running a model
 # ----------------------------------------------------------------------------
 
-def model_device_dtype(model) -> tuple:
-    """``(device, dtype)`` of a module's first floating parameter (CPU/float32 if none)."""
-    if isinstance(model, nn.Module):
-        for p in model.parameters():
-            if p.is_floating_point():
-                return p.device, p.dtype
-    return torch.device("cpu"), torch.float32
-
-
 def is_joint(model) -> bool:
     """True for models with a primary SAE and an NFM (joint or sequential)."""
     return hasattr(model, "primary_sae") and hasattr(model, "nfm")
-
-
-@contextmanager
-def eval_mode(model):
-    """Evaluation mode (dropout off) and no autograd, restoring the training flag."""
-    was = getattr(model, "training", False)
-    if isinstance(model, nn.Module):
-        model.eval()
-    try:
-        with torch.no_grad():
-            yield model
-    finally:
-        if isinstance(model, nn.Module):
-            model.train(was)
 
 
 def components(model, x: Tensor) -> Dict[str, Tensor]:
@@ -104,27 +83,6 @@ def reconstruct(model, x: Tensor) -> Tensor:
     if isinstance(out, (tuple, list)):
         return out[1] if len(out) == 2 else out[0]
     raise TypeError(f"cannot find the reconstruction in the output of {type(model).__name__}")
-
-
-def iter_batches(activations: Activations, batch_size: int = 1024,
-                 max_rows: Optional[int] = None) -> Iterator[Tensor]:
-    """``[B, d]`` batches from a tensor (chunked) or an iterable of batches."""
-    seen = 0
-    if isinstance(activations, torch.Tensor):
-        source: Iterable[Tensor] = activations.split(batch_size)
-    else:
-        source = activations
-    for batch in source:
-        if isinstance(batch, (tuple, list)):
-            batch = batch[0]
-        batch = torch.as_tensor(batch)
-        batch = batch.reshape(-1, batch.shape[-1])
-        if max_rows is not None:
-            if seen >= max_rows:
-                return
-            batch = batch[: max_rows - seen]
-        seen += batch.shape[0]
-        yield batch
 
 
 # ----------------------------------------------------------------------------
@@ -301,28 +259,6 @@ def eps_baseline(x: Tensor, recon: Tensor, *, generator: Optional[torch.Generato
     return (x.to(torch.float32) + direction * err_norm).to(x.dtype)
 
 
-class _LayerSplice:
-    """A forward hook on one decoder layer that records and/or replaces its output."""
-
-    def __init__(self, layer_module: nn.Module):
-        self.module = layer_module
-        self.captured: Optional[Tensor] = None
-        self.replace: Optional[Callable[[Tensor], Tensor]] = None
-        self.handle = layer_module.register_forward_hook(self._hook)
-
-    def _hook(self, module, inputs, output):
-        from .lm import layer_output, replace_layer_output
-
-        h = layer_output(output)
-        if self.replace is None:
-            self.captured = h.detach()
-            return None
-        return replace_layer_output(output, self.replace(h))
-
-    def remove(self):
-        self.handle.remove()
-
-
 def _lm_logits(lm, ids: Tensor) -> Tensor:
     out = lm(input_ids=ids, use_cache=False)
     logits = out.logits if hasattr(out, "logits") else out[0]
@@ -368,9 +304,13 @@ def splice_test(
     ``kl_recon / kl_eps`` with a bootstrap CI over windows, ``kl_excess`` =
     ``kl_recon - kl_eps``, ``ce_clean``, ``ce_recon``, ``ce_eps``,
     ``ce_increase`` (recon minus clean) with CI, ``ce_eps_increase``,
-    ``mse_splice`` (per-element error of the spliced activations).
+    ``mse_splice`` (per-element error of the spliced activations), and SAELens's
+    ``ce_loss_score`` / ``kl_div_score`` against the zero ablation (the layer's
+    output replaced by zeros; top-level ``ce_zero``, ``kl_zero``), see
+    :func:`dualenc_fast.sae_metrics.recovered_scores`.
     """
-    from .lm import decoder_layers
+    from ..lm import decoder_layers
+    from .sae_metrics import recovered_scores
 
     ids_all = torch.as_tensor(token_windows, dtype=torch.long)
     if ids_all.dim() != 2 or ids_all.shape[1] < 2:
@@ -388,6 +328,7 @@ def splice_test(
     acc = {name: {k: np.zeros(N) for k in ("kl_recon", "kl_eps", "ce_recon", "ce_eps", "sse")} for name in names}
     d = 1
     ce_clean_w = np.zeros(N)
+    zero_w = {"kl": np.zeros(N), "ce": np.zeros(N)}  # zero ablation, once per window
     n_kl = T - skip_first
     n_ce = T - 1 - skip_first
     if n_kl <= 0 or n_ce <= 0:
@@ -406,6 +347,14 @@ def splice_test(
                 logp_clean = torch.log_softmax(logits_clean, dim=-1)
                 ce_c = -logp_clean[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
                 ce_clean_w[s:s + b] = ce_c[:, skip_first:].double().sum(1).cpu().numpy()
+                zero = torch.zeros_like(h)
+                if skip_first:
+                    zero = torch.cat([h[:, :skip_first], zero[:, skip_first:]], dim=1)
+                splice.replace = lambda _h, r=zero: r
+                kl, ce = _kl_ce(logp_clean, _lm_logits(lm, ids), ids)
+                zero_w["kl"][s:s + b] = kl[:, skip_first:].double().sum(1).cpu().numpy()
+                zero_w["ce"][s:s + b] = ce[:, skip_first:].double().sum(1).cpu().numpy()
+                splice.replace = None
                 for name in names:
                     mdl = models[name]
                     mdev, mdt = model_device_dtype(mdl)
@@ -442,7 +391,9 @@ def splice_test(
     out: Dict[str, Any] = {
         "layer": int(layer), "n_windows": int(N), "window_len": int(T), "n_eps": int(n_eps),
         "skip_first": int(skip_first), "n_kl_tokens": int(N * n_kl), "n_ce_tokens": int(N * n_ce),
-        "ce_clean": float(ce_clean_w.sum() / (N * n_ce)), "models": {},
+        "ce_clean": float(ce_clean_w.sum() / (N * n_ce)),
+        "ce_zero": float(zero_w["ce"].sum() / (N * n_ce)), "kl_zero": float(zero_w["kl"].sum() / (N * n_kl)),
+        "models": {},
     }
     for name in names:
         a = acc[name]
@@ -462,6 +413,8 @@ def splice_test(
             "ce_eps_increase": float(ce_e - out["ce_clean"]),
             "kl_recon_ci": _bootstrap_ratio(a["kl_recon"], np.full(N, float(n_kl)), n_boot, rng),
             "mse_splice": float(a["sse"].sum() / (N * n_kl * d)),
+            **recovered_scores(ce_clean=out["ce_clean"], ce_sae=float(ce_r), ce_zero=out["ce_zero"],
+                               kl_sae=float(kl_r), kl_zero=out["kl_zero"]),
         }
         out["models"][name] = res
     return out
@@ -500,7 +453,7 @@ def windows_from_store(store, n_windows: int = 64, val_fraction: float = 0.1):
     and ``skip_first = s`` (their first positions act as the attention sink the
     models never saw, so they are neither spliced nor scored).
     """
-    from .checkpoint import load_tensors
+    from ..storage import load_tensors
 
     window = int(store.manifest.get("window") or 0)
     skip = int(store.manifest.get("skip_first") or 0)
@@ -525,51 +478,3 @@ def windows_from_store(store, n_windows: int = 64, val_fraction: float = 0.1):
     if not out:
         raise ValueError("no complete token window in the store's validation split; pass token windows explicitly")
     return torch.stack(out), skip
-
-
-def demo_hook(context: dict) -> dict:
-    """Called by ``dualenc demo`` after training: the full evaluation + analysis report.
-
-    Writes ``OUT/report/report.md`` (plots, results.json) for the demo's models
-    (sae, sae_bias, sequential, joint) with ``sae`` as the baseline, the KL/CE
-    splice test on validation windows of the store (32 windows, 2 eps samples;
-    quick: 4 and 1), and (unless ``quick``) the integration-feature study
-    (2 secondary features, 2 generated tokens). Returns the report path and headline numbers.
-    """
-    import sys
-    from pathlib import Path
-
-    from .report import write_report
-
-    quick = bool(context.get("quick"))
-    store = context["store"]
-    models = context["models"]
-    out = Path(context["out"]) / "report"
-    val = store.tensor("val", max_rows=5000 if quick else 50_000)
-    lm, tok, layer = context.get("lm"), context.get("tokenizer"), context.get("layer")
-    windows, skip = (None, 0)
-    if lm is not None:
-        try:
-            windows, skip = windows_from_store(store, 4 if quick else 32)
-        except ValueError as exc:
-            print(f"[demo] splice test skipped: {exc}", file=sys.stderr)
-    path = write_report(
-        out, models, val, lm=lm, tokenizer=tok, layer=layer, token_windows=windows,
-        baseline="sae" if "sae" in models else None, n_eps=1 if quick else 2, skip_first=skip,
-        n_sim=50 if quick else 500, gram_max_features=1024 if quick else 8192, seed=int(context.get("seed", 0)),
-        integration=not quick and lm is not None and tok is not None,
-        integration_kwargs={"n_features": 2, "max_new_tokens": 2, "max_rows": 20000,
-                            "sae2_kwargs": {"steps": 1000}},
-        title="dualenc demo: evaluation and analysis", verbose=True,
-        metadata={"language model": store.manifest.get("model"), "layer": layer,
-                  "activations": store.count, "validation rows": int(val.shape[0])},
-    )
-    print(f"[demo] report: {path}", file=sys.stderr)
-    import json
-
-    res = json.loads((out / "results.json").read_text())
-    summary = {"report": str(path)}
-    summary["bimodal"] = {n: a["bimodality"]["bimodal"] for n, a in res.get("analysis", {}).items()}
-    summary["kl_ratio"] = {n: r["kl_ratio"] for n, r in res.get("splice", {}).get("models", {}).items()}
-    summary["ce_increase"] = {n: r["ce_increase"] for n, r in res.get("splice", {}).get("models", {}).items()}
-    return summary

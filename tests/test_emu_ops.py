@@ -1,0 +1,316 @@
+"""The CUDA kernels (csrc/ops/cuda), run on the CPU by the CUDA emulator
+(dualenc_fast._C_emu, ops under torch.ops.dualenc_fast_emu), against the
+pure-PyTorch reference: forward and every gradient (the backward ops are
+called directly), float32, bfloat16 and float16, gather and dense forms, in
+thread order and under seeded schedules; the top-k select at sizes no CUDA
+test reached (F of 5000 and 50000, k up to F), tie-heavy rows, NaN, +-Inf and
+-0.0, and a second encoder row block.
+
+16-bit notes: the emulated host code does its GEMMs on the CPU (not cuBLAS),
+so 16-bit results are compared with tolerances against the float32 reference
+on the same rounded inputs; the top-k indices are compared exactly against a
+stable sort of the very pre-activations the op selects from (one addmm in the
+op's dtype), since the reference rounds x @ W.T and + b separately and may
+order near-ties differently."""
+import math
+
+import pytest
+import torch
+
+import dualenc_fast.reference.functional as R
+from emu_util import SEEDS, require_emu
+from topk_cases import SPECIALS, exact_rows, special_bias, tie_heavy, topk_cases
+
+from dualenc_fast import emu
+
+require_emu()
+E = emu.ops()
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DT_IDS = ["f32", "bf16", "f16"]
+
+# (B, d, F, k, K): awkward on purpose (as tests/test_ops.py), plus a row count
+# and widths that leave partial warps and partial blocks of 256 threads.
+SHAPES = [
+    (7, 5, 37, 4, 6),
+    (3, 1, 11, 1, 3),
+    (5, 9, 9, 9, 5),  # k = F
+    (0, 6, 13, 3, 4),  # B = 0
+    (33, 17, 101, 12, 7),
+    (4, 300, 70, 33, 260),  # d, K above one block of 256 threads
+]
+SHAPE_IDS = ["basic", "d1_k1", "k_eq_F", "B0", "odd", "wide"]
+
+
+def tol(dtype):
+    return {
+        torch.float32: dict(atol=2e-5, rtol=1e-4),
+        torch.bfloat16: dict(atol=6e-2, rtol=4e-2),
+        torch.float16: dict(atol=8e-3, rtol=8e-3),
+    }[dtype]
+
+
+def close(a, b, dtype, scale=1.0):
+    t = tol(dtype)
+    torch.testing.assert_close(a.float(), b.float(), atol=t["atol"] * scale, rtol=t["rtol"], equal_nan=True)
+
+
+@pytest.fixture(params=SEEDS, ids=[f"seed{s}" for s in SEEDS])
+def seed(request):
+    with emu.schedule(request.param):
+        yield request.param
+
+
+@pytest.fixture(params=["gather", "dense"])
+def form(request):
+    with emu.strategy_scope(request.param):
+        yield request.param
+
+
+def rnd(gen, *shape, scale=1.0):
+    return torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
+
+
+def random_code(gen, B, k, F, repeats=False):
+    if repeats:
+        idx = torch.randint(0, F, (B, k), generator=gen)
+    elif B:
+        idx = torch.stack([torch.randperm(F, generator=gen)[:k] for _ in range(B)])
+    else:
+        idx = torch.empty(0, k, dtype=torch.long)
+    return rnd(gen, B, k), idx
+
+
+def ref_grads(fn, inputs, up):
+    """float32 reference output and gradients (inputs: float32 leaves or other)."""
+    leaves = [t.detach().float().requires_grad_(True) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+              for t in inputs]
+    out = fn(*leaves)
+    out = out[0] if isinstance(out, tuple) else out
+    diff = [t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
+    return out, torch.autograd.grad(out, diff, up.float(), allow_unused=True)
+
+
+# --------------------------------------------------------------------------- sparse_decode
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_sparse_decode(dtype, seed, form):
+    g = torch.Generator().manual_seed(1)
+    for (B, d, F, k, _), repeats in [(s, r) for s in SHAPES for r in (False, True)]:
+        v, idx = random_code(g, B, k, F, repeats)
+        w, b, up = rnd(g, F, d), rnd(g, d), rnd(g, B, d)
+        v, w, b, up = (t.to(dtype) for t in (v, w, b, up))
+        out = E.sparse_decode(v, idx, w, b, True)
+        ref, (rv, rw, rb) = ref_grads(lambda v_, w_, b_: R.sparse_decode(v_, idx, w_, b_), [v, w, b], up)
+        close(out, ref, dtype, scale=math.sqrt(k))
+        gv, gw = E.sparse_decode_backward(up, v, idx, w, True, True, True)
+        close(gv, rv, dtype, scale=math.sqrt(d))
+        close(gw, rw, dtype, scale=math.sqrt(B))
+        # one side only: the other comes back empty
+        gv1, gw1 = E.sparse_decode_backward(up, v, idx, w, True, False, True)
+        assert torch.equal(gv1, gv) and gw1.numel() == 0
+
+
+# --------------------------------------------------------------------------- topk_encode
+def selected_from(z, k):
+    """The top-k of ReLU(z) by the package rule (NaN first, like torch.sort)."""
+    return R.select_topk(torch.relu(z), k)
+
+
+def check_topk(x, w, b, k, pre=None, up=None, block_rows=None):
+    """Forward: indices exactly those of a stable sort of the op's own
+    pre-activations (one addmm in the op's dtype), values equal; float32 also
+    against the reference. Backward against autograd through the reference
+    formula, with the op's selection."""
+    dtype = x.dtype
+    v, i = E.topk_encode(x, w, b, k, pre)
+    xe = x - pre if pre is not None else x
+    rows = block_rows or max(1, x.shape[0])
+    z = torch.cat([torch.addmm(b, xe[r:r + rows], w.t()) for r in range(0, x.shape[0], rows)]) if x.shape[0] else \
+        torch.addmm(b, xe, w.t())
+    sv, si = selected_from(z, k)
+    assert i.dtype == torch.int64 and v.dtype == dtype
+    assert torch.equal(i, si), (i, si)
+    assert torch.equal(v.isnan(), sv.isnan()) and torch.equal(v.nan_to_num(), sv.nan_to_num())
+    if dtype == torch.float32 and pre is None:
+        rv, ri = R.topk_encode(x, w, b, k)
+        assert torch.equal(i, ri)
+        close(v, rv, dtype)
+    if up is None:
+        return v, i
+    gx, gw, gb = E.topk_encode_backward(up, v, i, x, w, pre, True, True, True)
+
+    def through(x_, w_, b_):  # the reference formula, with the op's selection
+        xe_ = x_ - pre.float() if pre is not None else x_
+        return torch.relu(xe_ @ w_.t() + b_).gather(1, i)
+
+    _, (rx, rw, rb) = ref_grads(through, [x, w, b], up)
+    d = x.shape[1]
+    close(gx, rx, dtype, scale=math.sqrt(k))
+    close(gw, rw, dtype, scale=math.sqrt(x.shape[0]))
+    close(gb, rb, dtype, scale=math.sqrt(x.shape[0]))
+    return v, i
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_topk_encode(dtype, seed, form):
+    g = torch.Generator().manual_seed(4)
+    for B, d, F, k, _ in SHAPES:
+        for with_pre in (False, True):
+            x, w, b = rnd(g, B, d), rnd(g, F, d), rnd(g, F, scale=0.1)
+            pre = rnd(g, d).to(dtype) if with_pre else None
+            up = rnd(g, B, k).to(dtype)
+            check_topk(x.to(dtype), w.to(dtype), b.to(dtype), k, pre, up)
+
+
+@pytest.mark.parametrize("k", topk_cases(5000))
+def test_topk_select_multichunk_5000(k, seed):
+    g = torch.Generator().manual_seed(k)
+    z = tie_heavy(g, 4, 5000)
+    check_topk(*exact_rows(z, torch.float32), k)
+
+
+@pytest.mark.parametrize("k", topk_cases(50000))
+def test_topk_select_multichunk_50000(k):
+    g = torch.Generator().manual_seed(k)
+    z = tie_heavy(g, 2, 50000)
+    z[1] = torch.randn(50000, generator=g, dtype=torch.float64)  # mostly distinct, half positive
+    for s in SEEDS[:2]:
+        with emu.schedule(s):
+            check_topk(*exact_rows(z, torch.float32), k)
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("k", topk_cases(50000))
+def test_topk_select_multichunk_50000_every_seed_and_dtype(k, dtype):
+    g = torch.Generator().manual_seed(k)
+    z = tie_heavy(g, 4, 50000)
+    for s in SEEDS + [4, 5]:
+        with emu.schedule(s):
+            check_topk(*exact_rows(z, dtype), k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_topk_select_ties_16bit(dtype, seed):
+    g = torch.Generator().manual_seed(9)
+    z = tie_heavy(g, 4, 700)
+    for k in (1, 33, 256, 699, 700):
+        check_topk(*exact_rows(z, dtype), k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("case", sorted(SPECIALS))
+def test_topk_nan_inf_negzero(case, dtype, seed):
+    """NaN ranks first (as torch.sort/topk: above +Inf; NaNs by lower index)
+    and comes out as NaN, so the loss goes NaN; +-Inf and -0.0 order as
+    values. The pre-activation is the bias (x and weight zero)."""
+    F = 300
+    bias = special_bias(case, F, torch.Generator().manual_seed(3))
+    x, w, b = torch.zeros(2, 1, dtype=dtype), torch.zeros(F, 1, dtype=dtype), bias.to(dtype)
+    for k in (1, 2, 3, 50, F):
+        v, i = check_topk(x, w, b, k)
+        rv, ri = R.topk_encode(x.float(), w.float(), b.float(), k)
+        assert torch.equal(i, ri), (k, i, ri)
+        assert torch.equal(v.float().isnan(), rv.isnan())
+    if "nan" in case:
+        v, _ = E.topk_encode(x, w, b, 1, None)
+        assert v.isnan().all()  # the loss goes NaN and training stops
+
+
+def test_topk_second_gemm_row_block(seed):
+    """A row-block size of a few rows' pre-activations: the encoder GEMM and the
+    select run in blocks of 3, 3 and 1 rows; each block writes its own rows."""
+    g = torch.Generator().manual_seed(8)
+    B, d, F, k = 7, 6, 300, 17
+    for dtype in DTYPES:
+        x, w, b = rnd(g, B, d).to(dtype), rnd(g, F, d).to(dtype), rnd(g, F, scale=0.1).to(dtype)
+        up = rnd(g, B, k).to(dtype)
+        with emu.strategy_scope(encode_block_bytes=3 * F * x.element_size()):
+            v, i = check_topk(x, w, b, k, up=up, block_rows=3)
+        v2, i2 = E.topk_encode(x, w, b, k, None)  # one block: another GEMM, other rounding
+        assert torch.equal(i, i2)
+        close(v, v2, dtype)
+
+
+def test_dense_form_in_row_blocks(seed):
+    g = torch.Generator().manual_seed(10)
+    B, d, F, k = 9, 7, 40, 6
+    v, idx = random_code(g, B, k, F, repeats=True)
+    w, up = rnd(g, F, d).float(), rnd(g, B, d).float()
+    v = v.float()
+    with emu.strategy_scope("dense", dense_block_bytes=2 * F * 4):
+        out = E.sparse_decode(v, idx, w, None, True)
+        gv, gw = E.sparse_decode_backward(up, v, idx, w, True, True, True)
+    ref, (rv, rw) = ref_grads(lambda v_, w_: R.sparse_decode(v_, idx, w_), [v, w], up)
+    close(out, ref, torch.float32)
+    close(gv, rv, torch.float32)
+    close(gw, rw, torch.float32)
+
+
+# --------------------------------------------------------------------------- fm_interaction
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_fm_interaction(dtype, seed):
+    g = torch.Generator().manual_seed(6)
+    for (B, _, F, k, K), repeats in [(s, r) for s in SHAPES for r in (False, True)]:
+        v, idx = random_code(g, B, k, F, repeats)
+        emb, up = rnd(g, F, K, scale=0.5), rnd(g, B, K)
+        v, emb, up = (t.to(dtype) for t in (v, emb, up))
+        out = E.fm_interaction(v, idx, emb, True)
+        ref, (rv, re) = ref_grads(lambda v_, e_: R.fm_interaction(v_, idx, e_), [v, emb], up)
+        close(out, ref, dtype, scale=k)
+        gv, ge = E.fm_interaction_backward(up, v, idx, emb, True, True, True)
+        close(gv, rv, dtype, scale=k * math.sqrt(K))
+        close(ge, re, dtype, scale=k * math.sqrt(B))
+        gv1, ge1 = E.fm_interaction_backward(up, v, idx, emb, False, True, True)
+        assert gv1.numel() == 0 and torch.equal(ge1, ge)
+
+
+# --------------------------------------------------------------------------- integration_mlp
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_integration_mlp(dtype, seed):
+    g = torch.Generator().manual_seed(7)
+    for B, K, H, d in [(5, 6, 9, 4), (0, 3, 4, 2), (3, 70, 300, 5)]:
+        p, w1, b1 = rnd(g, B, K), rnd(g, H, K, scale=0.3), rnd(g, H, scale=0.1)
+        w2, b2, up = rnd(g, d, H, scale=0.3), rnd(g, d), rnd(g, B, d)
+        p, w1, b1, w2, b2, up = (t.to(dtype) for t in (p, w1, b1, w2, b2, up))
+        for mask in (None, torch.rand(B, K, generator=g) > 0.3):
+            scale = 1.0 if mask is None else 1.0 / 0.7
+            out, hidden = E.integration_mlp(p, w1, b1, w2, b2, mask, scale)
+
+            def ref(p_, w1_, b1_, w2_, b2_):
+                pd = p_ if mask is None else p_ * mask.float() * scale
+                return torch.relu(pd @ w1_.t() + b1_) @ w2_.t() + b2_
+
+            r, rg = ref_grads(ref, [p, w1, b1, w2, b2], up)
+            close(out, r, dtype, scale=math.sqrt(K + H))
+            close(hidden, (p.float() if mask is None else p.float() * mask.float() * scale) @ w1.float().t()
+                  + b1.float(), dtype, scale=math.sqrt(K))
+            grads = E.integration_mlp_backward(up, None, p, hidden, w1, w2, mask, scale)
+            for a, b_ in zip(grads, rg):
+                close(a, b_, dtype, scale=math.sqrt(B + H + d))
+
+
+# --------------------------------------------------------------------------- topn_reselect
+def test_topn_reselect(seed):
+    g = torch.Generator().manual_seed(12)
+    values = torch.randint(0, 4, (6, 9), generator=g).float()  # ties
+    indices = torch.stack([torch.randperm(50, generator=g)[:9] for _ in range(6)])
+    for n in (1, 4, 9):
+        v, i, _ = E.topn_reselect(values, indices, n)
+        rv, ri = R.topn_reselect(values, indices, n)
+        assert torch.equal(v, rv) and torch.equal(i, ri)
+
+
+# --------------------------------------------------------------------------- both libraries in one process
+def test_emulated_and_real_ops_side_by_side():
+    ops = pytest.importorskip("dualenc_fast.ops")
+    g = torch.Generator().manual_seed(13)
+    x, w, b = rnd(g, 5, 8).float(), rnd(g, 40, 8).float(), rnd(g, 40).float()
+    v, i = E.topk_encode(x, w, b, 6, None)
+    cv, ci = ops.topk_encode(x, w, b, 6)
+    assert torch.equal(i, ci)
+    torch.testing.assert_close(v, cv)
+    with pytest.raises(ValueError, match="argument 'k' must satisfy"):
+        E.topk_encode(x, w, b, 41, None)
+    with pytest.raises(TypeError, match="float32, float16 and bfloat16"):
+        E.topk_encode(x.double(), w.double(), b.double(), 3, None)
