@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "buffer_cache.h"
 #include "checks.h"
 #include "strategy.h"
 
@@ -89,6 +90,10 @@ PYBIND11_MODULE(_C, m) {
         py::overload_cast<bool, bool, bool, int64_t, int64_t, int64_t>(&dualenc_fast::use_dense_path),
         py::arg("on_cpu"), py::arg("half_or_bf16"), py::arg("is_float32"), py::arg("B"), py::arg("k"),
         py::arg("F"), "Whether the sparse ops would take the dense path for such a code.");
+  m.def("buffer_cache_limit", &dualenc_fast::buffer_cache_limit, "Most idle bytes the CPU buffer cache keeps.");
+  m.def("set_buffer_cache_limit", &dualenc_fast::set_buffer_cache_limit, py::arg("max_bytes"));
+  m.def("buffer_cache_bytes", &dualenc_fast::buffer_cache_bytes, "Idle bytes in the CPU buffer cache now.");
+  m.def("clear_buffer_cache", &dualenc_fast::clear_buffer_cache, "Free every idle block of the CPU buffer cache.");
   m.def("set_sparse_strategy", &set_sparse_strategy, py::arg("mode"), py::arg("cpu_min_density"),
         py::arg("cuda_min_density"), py::arg("cuda_fp32_min_density"), py::arg("dense_block_bytes"));
 }

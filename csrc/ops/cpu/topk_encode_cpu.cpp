@@ -12,6 +12,7 @@
 #include <atomic>
 #include <vector>
 
+#include "buffer_cache.h"
 #include "checks.h"
 #include "ops/cpu/primitives.h"
 #include "ops/sparse_impl.h"
@@ -46,11 +47,22 @@ inline bool ahead(const Candidate<acc_t>& a, const Candidate<acc_t>& b) {
 
 // Running top-k of one row across column tiles, under the tie rule. Columns
 // arrive in increasing feature index, so a later column never wins a tie.
+// Candidates that beat the threshold (the k-th best value at the last
+// compaction) are appended to a buffer of 2k; a full buffer is cut back to
+// its k best with nth_element, which raises the threshold. An append costs
+// far less than a heap update, and a compaction is linear in the buffer.
 template <typename acc_t>
 struct RowSelector {
-  Candidate<acc_t>* heap;  // capacity k; a max-heap under `ahead`: weakest first
+  Candidate<acc_t>* buf;  // capacity 2k
   int64_t size = 0;
   int64_t k = 0;
+  acc_t threshold = 0;  // a value must exceed it to enter (valid once size >= k)
+
+  void compact() {
+    std::nth_element(buf, buf + (k - 1), buf + size, ahead<acc_t>);
+    size = k;
+    threshold = buf[k - 1].v;
+  }
 
   // Offer ReLU(z[c] + bias[c]) for features f0 + c, c in [0, n). Returns false on NaN.
   template <typename scalar_t>
@@ -60,23 +72,26 @@ struct RowSelector {
     for (; c < n && size < k; ++c) {
       const acc_t f = static_cast<acc_t>(z[c]) + static_cast<acc_t>(bias[c]);
       if (f != f) finite = false;
-      heap[size++] = {f > acc_t(0) ? f : acc_t(0), f0 + c};
-      if (size == k) std::make_heap(heap, heap + k, ahead<acc_t>);
+      buf[size++] = {f > acc_t(0) ? f : acc_t(0), f0 + c};
+      if (size == k) {
+        threshold = buf[0].v;
+        for (int64_t j = 1; j < k; ++j) threshold = std::min(threshold, buf[j].v);
+      }
     }
     if (c == n) return finite;
-    // Once the heap is full almost every value loses to the threshold: test a
+    // Once k values are in almost every value loses to the threshold: test a
     // block of kBlock values branch-free (a loop the compiler vectorises) and
     // look at single values only in the rare block with a winner or a NaN.
     constexpr int64_t kBlock = 16;
+    const int64_t cap = 2 * k;
     for (; c < n; c += kBlock) {
       const int64_t m = std::min(kBlock, n - c);
-      if (m == kBlock && !block_may_enter<scalar_t, acc_t>(z + c, bias + c, heap[0].v)) continue;
+      if (m == kBlock && !block_may_enter<scalar_t, acc_t>(z + c, bias + c, threshold)) continue;
       for (int64_t l = c; l < c + m; ++l) {
         const acc_t f = static_cast<acc_t>(z[l]) + static_cast<acc_t>(bias[l]);
-        if (f > heap[0].v) {  // NaN compares false: it never enters
-          std::pop_heap(heap, heap + k, ahead<acc_t>);
-          heap[k - 1] = {f, f0 + l};
-          std::push_heap(heap, heap + k, ahead<acc_t>);
+        if (f > threshold) {  // NaN compares false: it never enters
+          buf[size++] = {f, f0 + l};
+          if (size == cap) compact();
         } else if (f != f) {
           finite = false;
         }
@@ -85,13 +100,13 @@ struct RowSelector {
     return finite;
   }
 
-
   template <typename scalar_t>
   void write(scalar_t* out_v, int64_t* out_i) {
-    std::sort(heap, heap + k, ahead<acc_t>);
+    if (size > k) compact();
+    std::sort(buf, buf + k, ahead<acc_t>);
     for (int64_t j = 0; j < k; ++j) {
-      out_v[j] = static_cast<scalar_t>(heap[j].v);
-      out_i[j] = heap[j].i;
+      out_v[j] = static_cast<scalar_t>(buf[j].v);
+      out_i[j] = buf[j].i;
     }
   }
 };
@@ -113,12 +128,12 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x,       //
   std::atomic<bool> finite{true};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xe.scalar_type(), "topk_encode_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    std::vector<Candidate<acc_t>> heaps(static_cast<size_t>(rows * k));
+    std::vector<Candidate<acc_t>> heaps(static_cast<size_t>(rows * 2 * k));
     std::vector<RowSelector<acc_t>> sel(static_cast<size_t>(rows));
     const scalar_t* bp = b.const_data_ptr<scalar_t>();
     for (int64_t r0 = 0; r0 < B; r0 += rows) {
       const int64_t nr = std::min(rows, B - r0);
-      for (int64_t r = 0; r < nr; ++r) sel[r] = RowSelector<acc_t>{heaps.data() + r * k, 0, k};
+      for (int64_t r = 0; r < nr; ++r) sel[r] = RowSelector<acc_t>{heaps.data() + r * 2 * k, 0, k};
       const auto xb = xe.narrow(0, r0, nr);
       for (int64_t f0 = 0; f0 < F; f0 += cols) {
         const int64_t nc = std::min(cols, F - f0);
@@ -142,10 +157,53 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x,       //
   return {values, indices};
 }
 
+// The gather form of the backward on CPU: the ReLU mask applied while the
+// coefficients are copied (no [B, k] temporaries from ATen), weight gradients
+// in memory from the buffer cache. The dense form is the shared host code's.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_backward_cpu(
+    const at::Tensor& grad_values, const at::Tensor& values, const at::Tensor& indices, const at::Tensor& x,
+    const at::Tensor& weight, const std::optional<at::Tensor>& pre_bias, bool need_x_grad,
+    bool need_weight_grad, bool check_indices) {
+  if (use_dense_path(values, values.size(1), weight.size(0))) {
+    return topk_encode_backward_impl<Prims>(grad_values, values, indices, x, weight, pre_bias, need_x_grad,
+                                            need_weight_grad, check_indices);
+  }
+  check_topk_encode_backward_args(grad_values, values, indices, x, weight, pre_bias, check_indices);
+  const auto gv = grad_values.contiguous();
+  const auto v = values.contiguous();
+  const auto idx = indices.contiguous();
+  const auto W = weight.contiguous();
+  const int64_t B = v.size(0), k = v.size(1), F = W.size(0), d = W.size(1);
+  auto grad_x = need_x_grad ? at::empty({B, d}, v.options()) : at::empty({0}, v.options());
+  auto grad_w = need_weight_grad ? empty_cached({F, d}, v.options()) : at::empty({0}, v.options());
+  auto grad_b = need_weight_grad ? at::empty({F}, v.options()) : at::empty({0}, v.options());
+  if (!need_x_grad && !need_weight_grad) return {grad_x, grad_w, grad_b};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "topk_encode_backward_cpu", [&] {
+    // a selected value that ReLU clamped to zero passes no gradient
+    std::vector<scalar_t> g(static_cast<size_t>(B * k));
+    const scalar_t* gp = gv.const_data_ptr<scalar_t>();
+    const scalar_t* vp = v.const_data_ptr<scalar_t>();
+    at::parallel_for(0, B * k, 1 << 14, [&](int64_t a, int64_t e) {
+      for (int64_t p = a; p < e; ++p) g[p] = static_cast<at::opmath_type<scalar_t>>(vp[p]) > 0 ? gp[p] : scalar_t(0);
+    });
+    if (need_x_grad) {
+      gather_sum<scalar_t>(g.data(), idx.const_data_ptr<int64_t>(), W.const_data_ptr<scalar_t>(), nullptr,
+                           grad_x.mutable_data_ptr<scalar_t>(), B, k, d);
+    }
+    if (need_weight_grad) {
+      const auto xe = centered_input(x, pre_bias);
+      const FeatureCsr csr(idx, F);
+      scatter_rows<scalar_t>(csr, g.data(), xe.const_data_ptr<scalar_t>(), grad_w.mutable_data_ptr<scalar_t>(),
+                             grad_b.mutable_data_ptr<scalar_t>(), F, k, d);
+    }
+  });
+  return {grad_x, grad_w, grad_b};
+}
+
 }  // namespace
 }  // namespace dualenc_fast::cpu
 
 TORCH_LIBRARY_IMPL(dualenc_fast, CPU, m) {
   m.impl("topk_encode", &dualenc_fast::cpu::topk_encode_cpu);
-  m.impl("topk_encode_backward", &dualenc_fast::topk_encode_backward_impl<dualenc_fast::cpu::Prims>);
+  m.impl("topk_encode_backward", &dualenc_fast::cpu::topk_encode_backward_cpu);
 }
