@@ -200,6 +200,20 @@ def test_topk_encode_late_winners_in_blocks():
         assert torch.equal(i, ri) and torch.equal(v, rv), (r, i, ri)
 
 
+@pytest.mark.parametrize("order", ["rising", "falling", "zigzag"])
+def test_topk_encode_many_winners_across_tiles_with_ties(order):
+    """Rows where most values beat the running threshold (the CPU selection's
+    candidate buffer fills and is cut back many times), across several
+    column tiles, with runs of equal values that the lower index must win."""
+    F, k, B = 1500, 7, 5
+    base = torch.arange(F, dtype=torch.float32) // 3  # triples of equal values
+    w = {"rising": base, "falling": base.flip(0), "zigzag": (base % 50) + (base // 50) * 0.5}[order]
+    x = torch.linspace(0.5, 1.5, B).unsqueeze(1)
+    v, i = ops.topk_encode(x, w.unsqueeze(1), torch.zeros(F), k)
+    rv, ri = R.topk_encode(x, w.unsqueeze(1), torch.zeros(F), k)
+    assert torch.equal(i, ri) and torch.equal(v, rv)
+
+
 # --------------------------------------------------------------------------- fm_interaction
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -121,36 +121,39 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x,       //
   at::Tensor &values = a.values, &indices = a.indices;
   const int64_t B = a.B, F = a.F;
   if (B == 0) return {values, indices};
-  // Tiles of [rows, cols] pre-activations (~8 MiB): column tiles let the GEMM
-  // read each weight row once per row block, and nothing [B, F] is allocated.
-  const int64_t rows = std::min<int64_t>(B, 4096);
-  const int64_t cols = std::min<int64_t>(F, std::max<int64_t>(256, encode_block_rows(F, rows, xe.element_size(), int64_t(8) << 20)));
+  // Each thread owns a contiguous block of rows and runs, for it, the GEMM in
+  // tiles of [rows, cols] pre-activations (single-threaded inside the parallel
+  // region) and the selection right after each tile, while the tile is in its
+  // cache: one parallel region per call, no barrier between tiles, and
+  // nothing [B, F] is allocated.
+  const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t per_thread = (B + nt - 1) / nt;
+  const int64_t rows = std::min<int64_t>(per_thread, 512);
+  const int64_t cols = std::min<int64_t>(F, 512);
   std::atomic<bool> finite{true};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xe.scalar_type(), "topk_encode_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    std::vector<Candidate<acc_t>> heaps(static_cast<size_t>(rows * 2 * k));
-    std::vector<RowSelector<acc_t>> sel(static_cast<size_t>(rows));
     const scalar_t* bp = b.const_data_ptr<scalar_t>();
-    for (int64_t r0 = 0; r0 < B; r0 += rows) {
-      const int64_t nr = std::min(rows, B - r0);
-      for (int64_t r = 0; r < nr; ++r) sel[r] = RowSelector<acc_t>{heaps.data() + r * 2 * k, 0, k};
-      const auto xb = xe.narrow(0, r0, nr);
-      for (int64_t f0 = 0; f0 < F; f0 += cols) {
-        const int64_t nc = std::min(cols, F - f0);
-        const auto z = at::mm(xb, W.narrow(0, f0, nc).t()).contiguous();  // [nr, nc]
-        const scalar_t* zp = z.const_data_ptr<scalar_t>();
-        at::parallel_for(0, nr, grain_for(nc, 1 << 15), [&](int64_t a, int64_t e) {
-          for (int64_t r = a; r < e; ++r) {
-            if (!sel[r].offer(zp + r * nc, bp + f0, f0, nc)) finite = false;
-          }
-        });
+    at::parallel_for(0, B, per_thread, [&](int64_t ra, int64_t re) {
+      std::vector<Candidate<acc_t>> bufs(static_cast<size_t>(rows * 2 * k));
+      std::vector<RowSelector<acc_t>> sel(static_cast<size_t>(rows));
+      bool ok = true;
+      for (int64_t r0 = ra; r0 < re; r0 += rows) {
+        const int64_t nr = std::min(rows, re - r0);
+        for (int64_t r = 0; r < nr; ++r) sel[r] = RowSelector<acc_t>{bufs.data() + r * 2 * k, 0, k};
+        const auto xb = xe.narrow(0, r0, nr);
+        for (int64_t f0 = 0; f0 < F; f0 += cols) {
+          const int64_t nc = std::min(cols, F - f0);
+          const auto z = at::mm(xb, W.narrow(0, f0, nc).t()).contiguous();  // [nr, nc]
+          const scalar_t* zp = z.const_data_ptr<scalar_t>();
+          for (int64_t r = 0; r < nr; ++r) ok = sel[r].offer(zp + r * nc, bp + f0, f0, nc) && ok;
+        }
+        scalar_t* vp = values.mutable_data_ptr<scalar_t>() + r0 * k;
+        int64_t* ip = indices.mutable_data_ptr<int64_t>() + r0 * k;
+        for (int64_t r = 0; r < nr; ++r) sel[r].write(vp + r * k, ip + r * k);
       }
-      scalar_t* vp = values.mutable_data_ptr<scalar_t>() + r0 * k;
-      int64_t* ip = indices.mutable_data_ptr<int64_t>() + r0 * k;
-      at::parallel_for(0, nr, grain_for(k * 8), [&](int64_t a, int64_t e) {
-        for (int64_t r = a; r < e; ++r) sel[r].write(vp + r * k, ip + r * k);
-      });
-    }
+      if (!ok) finite = false;
+    });
   });
   TORCH_CHECK_VALUE(finite.load(), "dualenc_fast: topk_encode found a NaN pre-activation: check ",
                     "the arguments 'x', 'weight' and 'bias' for NaN values");
