@@ -423,7 +423,9 @@ def run(config: str = "C1", device: str = "cpu", dtype: str = "float32", repeats
     torch.manual_seed(0)
     x = torch.randn(s.B, s.d, device=device, dtype=dt)
     steps = {name: build_step(name, s, device, dt) for name in paths}
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     times = time_paths(steps, x, device, repeats, warmup)
+    load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
     med = {n: statistics.median(t) for n, t in times.items()}
     result = {
         "config": config,
@@ -432,6 +434,8 @@ def run(config: str = "C1", device: str = "cpu", dtype: str = "float32", repeats
         "dtype": dtype,
         "repeats": repeats,
         "machine": machine_description(device),
+        # 1/5/15-minute load averages before and after the timed steps: how busy the machine was
+        "load_average": {"before": load_before, "after": load_after},
         "step_seconds": {n: {"median": med[n], "all": times[n]} for n in times},
     }
     if {"fused", "module", "dropin"} & set(paths):
