@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "buffer_cache.h"
 #include "checks.h"
 #include "ops/grid.h"
 #include "strategy.h"
@@ -96,6 +97,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("F"), "The form a forward records for its backward: 0 gather, n > 0 dense in n-byte blocks.");
   m.def("_checked_grid", &dualenc_fast::checked_grid, py::arg("blocks"), py::arg("kernel"),
         "The checked grid size of a CUDA launch (tests reach the host-side check through it).");
+  m.def("buffer_cache_limit", &dualenc_fast::buffer_cache_limit, "Most idle bytes the CPU buffer cache keeps.");
+  m.def("set_buffer_cache_limit", &dualenc_fast::set_buffer_cache_limit, py::arg("max_bytes"));
+  m.def("buffer_cache_bytes", &dualenc_fast::buffer_cache_bytes, "Idle bytes in the CPU buffer cache now.");
+  m.def("clear_buffer_cache", &dualenc_fast::clear_buffer_cache, "Free every idle block of the CPU buffer cache.");
   m.def("set_sparse_strategy", &set_sparse_strategy, py::arg("mode"), py::arg("cpu_min_density"),
         py::arg("cuda_min_density"), py::arg("cuda_fp32_min_density"), py::arg("dense_block_bytes"));
   // Validated in Python (dualenc_fast.ops.set_encode_block_bytes).

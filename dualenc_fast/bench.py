@@ -11,10 +11,17 @@ Paths
 - ``fused``: :mod:`dualenc_fast.ops` called directly.
 - ``module``: the drop-in :class:`dualenc_fast.JointSAENFM` (``backend="fused"``)
   through ``forward_sparse``, i.e. what the trainers run.
+- ``dropin``: the same module called as ``model(x)``, which also returns the
+  dense ``[B, F]`` code as the reference module does (the loss uses only the
+  reconstruction).
+- ``floor``: what no kernel design can avoid: the encoder GEMM ``x @ W_enc^T``
+  alone plus one step of the same Adam over the same parameters (gradients
+  kept between steps). Every other path is also reported as a ratio to it.
 
-Every path uses the same shapes, dropout 0.15, MSE loss and Adam (the same
-implementation flags). Steps are interleaved round-robin so that a noisy
-machine slows all paths alike; each figure is a median.
+Every path uses the same shapes, dropout 0.15, MSE loss and the same fused
+Adam (``torch.optim.Adam(fused=True)`` where the device has it). Steps are
+interleaved round-robin so that a noisy machine slows all paths alike; each
+figure is a median.
 """
 from __future__ import annotations
 
@@ -34,8 +41,12 @@ import torch.nn.functional as F_
 CONFIGS = {
     # CPU config (KERNELS.md "C1")
     "C1": dict(d=512, F=16384, k=64, K=128, N=64, B=1024),
-    # paper scale (KERNELS.md "P")
+    # paper scale (KERNELS.md "P"), 2% density
     "P": dict(d=3200, F=50000, k=1024, K=300, N=512, B=4096),
+    # a typical modern SAE, 0.1% density
+    "S": dict(d=2304, F=65536, k=64, K=128, N=32, B=8192),
+    # S scaled to a CPU: the same F, density 0.05%
+    "CPU-S": dict(d=512, F=65536, k=32, K=64, N=16, B=1024),
     # a seconds-long smoke configuration
     "tiny": dict(d=64, F=1024, k=16, K=32, N=8, B=128),
 }
@@ -144,20 +155,51 @@ def make_adam(params):
         return torch.optim.Adam(params, foreach=True, **kwargs)
 
 
+PATHS = ("reference", "peer", "fused", "module", "dropin", "floor")
+
+
+def build_floor_step(s: Shape, device, dtype) -> Callable[[torch.Tensor], float]:
+    """The floor: the encoder GEMM alone plus one Adam step over the fused
+    path's parameters, whose gradients stay allocated between steps."""
+    pd = make_params(s, device, dtype)
+    params = list(pd.values())
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt = make_adam(params)
+    w_t = pd["w_enc"].detach().T
+
+    def step(x):
+        with torch.no_grad():
+            torch.mm(x, w_t)
+        opt.step()
+        return 0.0
+
+    step.params = params  # type: ignore[attr-defined]
+    step.forward = lambda x: torch.mm(x, pd["w_enc"].T)  # type: ignore[attr-defined]
+    return step
+
+
 def build_step(path: str, s: Shape, device, dtype) -> Callable[[torch.Tensor], float]:
     """A closure running one whole training step on a batch; returns the loss."""
+    if path not in PATHS:
+        raise ValueError(f"unknown path {path!r}; choose from {PATHS}")
+    if path == "floor":
+        return build_floor_step(s, device, dtype)
     if path == "reference":
         model = reference_model(s, device, dtype)
         params = list(model.parameters())
         fwd = lambda x: model(x)[0]  # noqa: E731
-    elif path == "module":
+    elif path in ("module", "dropin"):
         from .nn.modules import JointSAENFM
 
         torch.manual_seed(0)
         model = JointSAENFM(s.d, s.F, s.k, s.K, top_n=s.N if s.N < s.k else None, dropout=0.15, backend="fused")
         model = model.to(device, dtype).train()
         params = list(model.parameters())
-        fwd = lambda x: model.forward_sparse(x).recon  # noqa: E731
+        if path == "module":
+            fwd = lambda x: model.forward_sparse(x).recon  # noqa: E731
+        else:
+            fwd = lambda x: model(x)[0]  # noqa: E731
     else:
         pd = make_params(s, device, dtype)
         params = list(pd.values())
@@ -221,6 +263,12 @@ def transient_memory_worker(path: str, shape: dict, dtype: str) -> dict:
     step.forward(x).pow(2).mean().backward()
     for p in step.params:
         p.grad.zero_()
+    from ._ext import extension_available
+
+    if extension_available():
+        from . import ops
+
+        ops.clear_buffer_cache()  # blocks the cache holds idle would hide what the step allocates
     base = _rss_bytes("VmRSS")
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")  # reset the peak (VmHWM) to the current RSS
@@ -363,7 +411,7 @@ def profile_step(step: Callable, x, device, top: int = 15, log=print) -> list:
 
 # --------------------------------------------------------------------------- driver
 def run(config: str = "C1", device: str = "cpu", dtype: str = "float32", repeats: int = 5, warmup: int = 1,
-        paths=("reference", "peer", "fused", "module"), memory: bool = True, out: str | None = None, log=print,
+        paths=PATHS, memory: bool = True, out: str | None = None, log=print,
         sweep_ks=None, profile: bool = False) -> dict:
     if config not in CONFIGS:
         raise ValueError(f"unknown config {config!r}; choose one of {sorted(CONFIGS)}")
@@ -375,7 +423,9 @@ def run(config: str = "C1", device: str = "cpu", dtype: str = "float32", repeats
     torch.manual_seed(0)
     x = torch.randn(s.B, s.d, device=device, dtype=dt)
     steps = {name: build_step(name, s, device, dt) for name in paths}
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     times = time_paths(steps, x, device, repeats, warmup)
+    load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
     med = {n: statistics.median(t) for n, t in times.items()}
     result = {
         "config": config,
@@ -384,28 +434,44 @@ def run(config: str = "C1", device: str = "cpu", dtype: str = "float32", repeats
         "dtype": dtype,
         "repeats": repeats,
         "machine": machine_description(device),
+        # 1/5/15-minute load averages before and after the timed steps: how busy the machine was
+        "load_average": {"before": load_before, "after": load_after},
         "step_seconds": {n: {"median": med[n], "all": times[n]} for n in times},
     }
-    if {"fused", "module"} & set(paths):
+    if {"fused", "module", "dropin"} & set(paths):
         from . import ops
 
         result["sparse_strategy"] = ops.sparse_strategy()
         result["sparse_strategy"]["picks"] = "dense" if ops.uses_dense_path(x[:, : s.k], s.F) else "gather"
     ratios = {}
-    for fast in ("fused", "module"):
+    for fast in ("fused", "module", "dropin"):
         if fast in med:
             for other in ("reference", "peer"):
                 if other in med:
                     ratios[f"{fast}_vs_{other}"] = med[other] / med[fast]
     result["speedup"] = ratios
+    if "floor" in med:
+        result["over_floor"] = {n: med[n] / med["floor"] for n in med if n != "floor"}
+        # the ratio of each timed step to the floor step timed in the same round, median over rounds
+        result["over_floor_paired"] = {
+            n: statistics.median(a / b for a, b in zip(times[n], times["floor"])) for n in med if n != "floor"
+        }
+    if "dropin" in med and "module" in med:
+        result["dropin_over_module"] = med["dropin"] / med["module"]
+        result["dropin_over_module_paired"] = statistics.median(
+            a / b for a, b in zip(times["dropin"], times["module"]))
     if med:
         log("whole training step (forward + backward + Adam), median seconds:")
     for n in med:
-        log(f"  {n:<10} {med[n]:.4f} s")
+        extra = f"  {result['over_floor'][n]:.2f}x the floor" if n in result.get("over_floor", {}) else ""
+        log(f"  {n:<10} {med[n]:.4f} s{extra}")
     for n, r in ratios.items():
         log(f"  {n:<22} {r:.2f}x")
+    if "dropin_over_module" in result:
+        log(f"  dropin / module        {result['dropin_over_module']:.2f}x  (model(x) with the dense code "
+            f"against forward_sparse)")
     if memory and device == "cpu":
-        mem = {n: transient_memory(n, s, dtype) for n in paths}
+        mem = {n: transient_memory(n, s, dtype) for n in paths if n != "floor"}
         result["transient_memory_bytes"] = {n: m["transient_bytes"] for n, m in mem.items()}
         log("transient memory of forward + backward (peak RSS minus params, grads and batch):")
         for n, m in mem.items():

@@ -23,12 +23,17 @@ _ext.require_extension()
 _ops = torch.ops.dualenc_fast
 
 __all__ = [
+    "buffer_cache_bytes",
+    "buffer_cache_limit",
+    "clear_buffer_cache",
+    "dense_code",
     "fm_interaction",
     "encode_block_bytes",
     "index_checks",
     "integration_mlp",
     "integration_mlp_with_hidden",
     "set_encode_block_bytes",
+    "set_buffer_cache_limit",
     "set_index_checks",
     "set_sparse_strategy",
     "sparse_decode",
@@ -180,6 +185,36 @@ def set_encode_block_bytes(nbytes: int) -> None:
     _ext._C.set_encode_block_bytes(nbytes)
 
 
+def buffer_cache_limit() -> int:
+    """The most bytes the CPU buffer cache keeps idle (default 1 GiB).
+
+    On CPU the large outputs of the ops (weight gradients, dense codes) take
+    their memory from a cache of blocks that earlier outputs of the same size
+    gave back when their tensors died, so a training loop that frees its
+    gradients every step (``zero_grad(set_to_none=True)``) does not fault
+    fresh pages in every step. Blocks under 1 MiB and other devices use the
+    ordinary allocator."""
+    return int(_ext._C.buffer_cache_limit())
+
+
+def set_buffer_cache_limit(max_bytes: int) -> None:
+    """Cap the idle bytes of the CPU buffer cache; 0 turns the cache off and
+    frees what it holds. Process-wide."""
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+        raise ValueError(f"dualenc_fast: argument 'max_bytes' must be an int >= 0, got {max_bytes!r}")
+    _ext._C.set_buffer_cache_limit(max_bytes)
+
+
+def buffer_cache_bytes() -> int:
+    """Bytes held idle by the CPU buffer cache now."""
+    return int(_ext._C.buffer_cache_bytes())
+
+
+def clear_buffer_cache() -> None:
+    """Free every idle block of the CPU buffer cache (the limit stays)."""
+    _ext._C.clear_buffer_cache()
+
+
 def _empty_or(t: Tensor, shape, needed: bool) -> Tensor:
     return t.new_empty(shape) if needed else t.new_empty((0,))
 
@@ -239,6 +274,43 @@ def _sparse_decode_backward(ctx, grad):
 torch.library.register_autograd(
     "dualenc_fast::sparse_decode", _sparse_decode_backward, setup_context=_sparse_decode_setup
 )
+
+
+# --------------------------------------------------------------------------- dense_code
+def dense_code(values: Tensor, indices: Tensor, num_features: int, *, check_indices: bool = True) -> Tensor:
+    """The dense ``[B, F]`` layout of a code: ``out[b, indices[b, j]] += values[b, j]``,
+    zeros elsewhere (repeated indices add up), as
+    :func:`dualenc_fast.reference.functional.dense_code`. Differentiable in
+    ``values`` (the gradient is the dense gradient gathered at ``indices``).
+    On CPU each row is zeroed and filled in one pass, in memory from the
+    buffer cache (:func:`buffer_cache_limit`). ``check_indices`` as in
+    :func:`sparse_decode`."""
+    if isinstance(num_features, bool) or not isinstance(num_features, int):
+        raise TypeError(
+            f"dualenc_fast: argument 'num_features' must be an int, got {type(num_features).__name__} {num_features!r}"
+        )
+    return _ops.dense_code.default(values, indices, num_features, bool(check_indices))
+
+
+@torch.library.register_fake("dualenc_fast::dense_code")
+def _dense_code_fake(values, indices, num_features, check_indices=True):
+    torch._check(values.dim() == 2, lambda: "dense_code: values [B, k]")
+    return values.new_empty((values.shape[0], num_features))
+
+
+def _dense_code_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+
+
+def _dense_code_backward(ctx, grad):
+    (indices,) = ctx.saved_tensors
+    pad = (None,) * (len(ctx.needs_input_grad) - 1)
+    if not ctx.needs_input_grad[0]:
+        return (None,) + pad
+    return (grad.gather(1, indices),) + pad
+
+
+torch.library.register_autograd("dualenc_fast::dense_code", _dense_code_backward, setup_context=_dense_code_setup)
 
 
 # --------------------------------------------------------------------------- topk_encode

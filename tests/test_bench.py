@@ -24,6 +24,24 @@ def test_bench_tiny_reports_ratios_memory_and_machine(tmp_path):
     assert any("fused_vs_reference" in line for line in lines)
 
 
+def test_bench_reports_floor_and_dropin_ratios(tmp_path):
+    out = tmp_path / "r.json"
+    lines = []
+    bench.run("tiny", repeats=2, warmup=0, paths=("fused", "module", "dropin", "floor"), memory=False,
+              out=str(out), log=lines.append)
+    saved = json.loads(out.read_text())
+    assert set(saved["over_floor"]) == {"fused", "module", "dropin"}
+    assert all(r > 0 for r in saved["over_floor"].values())
+    assert set(saved["over_floor_paired"]) == set(saved["over_floor"])
+    assert saved["dropin_over_module"] > 0
+    assert any("the floor" in line for line in lines) and any("dropin / module" in line for line in lines)
+
+
+def test_new_configs_are_the_issue_shapes():
+    assert bench.CONFIGS["S"] == dict(d=2304, F=65536, k=64, K=128, N=32, B=8192)
+    assert bench.CONFIGS["CPU-S"] == dict(d=512, F=65536, k=32, K=64, N=16, B=1024)
+
+
 def test_paths_compute_the_same_step():
     import torch
 

@@ -97,6 +97,24 @@ def test_outputs_and_gradients_match_reference(backend, top_n, direction):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("top_n", [None, 3])
+def test_dense_code_output_carries_gradient(backend, top_n):
+    # model(x) returns the dense code as the reference does; a loss on it trains the encoder
+    r, m = pairs(backend, top_n)
+    r.eval()
+    m.eval()
+    x = torch.randn(9, d)
+    out_r, out_m = r(x), m(x)
+    torch.testing.assert_close(out_m[1], out_r[1], rtol=1e-5, atol=1e-6)
+    w = torch.randn(out_r[1].shape)
+    ((out_r[1] * w).sum() + out_r[0].square().sum()).backward()
+    ((out_m[1] * w).sum() + out_m[0].square().sum()).backward()
+    gr, gm = grads(r), ref_oriented(m, grads(m))
+    for n in gr:
+        torch.testing.assert_close(gr[n], gm[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_sae_and_nfm_alone_match_reference(backend):
     torch.manual_seed(3)
     r = R.TopKSparseAutoencoder(d, F, k)
@@ -135,6 +153,8 @@ def test_sparse_api_builds_no_dense_code(backend, monkeypatch):
         raise AssertionError("dense [B, F] code built in the sparse path")
 
     monkeypatch.setattr(RF, "dense_code", boom)
+    if FUSED_OK:
+        monkeypatch.setattr(importlib.import_module("dualenc_fast.ops"), "dense_code", boom)
     out = m.forward_sparse(x)
     assert isinstance(out, M.SparseOutput)
     assert isinstance(out.code, M.SparseCode)

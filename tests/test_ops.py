@@ -278,6 +278,20 @@ def test_topk_encode_late_winners_in_blocks():
         assert torch.equal(i, ri) and torch.equal(v, rv), (r, i, ri)
 
 
+@pytest.mark.parametrize("order", ["rising", "falling", "zigzag"])
+def test_topk_encode_many_winners_across_tiles_with_ties(order):
+    """Rows where most values beat the running threshold (the CPU selection's
+    candidate buffer fills and is cut back many times), across several
+    column tiles, with runs of equal values that the lower index must win."""
+    F, k, B = 1500, 7, 5
+    base = torch.arange(F, dtype=torch.float32) // 3  # triples of equal values
+    w = {"rising": base, "falling": base.flip(0), "zigzag": (base % 50) + (base // 50) * 0.5}[order]
+    x = torch.linspace(0.5, 1.5, B).unsqueeze(1)
+    v, i = ops.topk_encode(x, w.unsqueeze(1), torch.zeros(F), k)
+    rv, ri = R.topk_encode(x, w.unsqueeze(1), torch.zeros(F), k)
+    assert torch.equal(i, ri) and torch.equal(v, rv)
+
+
 # --------------------------------------------------------------------------- fm_interaction
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -522,11 +536,13 @@ def opcheck_cases(device):
         ("integration_mlp", (r(4, 5), r(7, 5), r(7), r(6, 7), r(6), mask, 1.25)),
         ("integration_mlp", (r(4, 5), r(7, 5), r(7), r(6, 7), r(6), None, 1.0)),
         ("topn_reselect", (values, indices, 2)),
+        ("dense_code", (values, indices, 9)),
+        ("dense_code", (values, indices, 9, False)),
     ]
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", range(10))
+@pytest.mark.parametrize("case", range(12))
 def test_opcheck(device, case, strategy):
     name, args = opcheck_cases(device)[case]
     if strategy == "dense" and name not in ("sparse_decode", "topk_encode"):
@@ -603,6 +619,11 @@ def bad_cases():
         (lambda: ops.integration_mlp(torch.randn(4, 5), torch.randn(7, 5), torch.randn(7), torch.randn(6, 7), torch.randn(6), 1.5, True), ValueError, r"'dropout_p' must lie in \[0, 1\], got 1.5"),
         (lambda: ops.topn_reselect(v, i, 4), ValueError, r"'n' must satisfy 0 < n <= k = 3, got n = 4"),
         (lambda: ops.topn_reselect(v, i, 0), ValueError, r"got n = 0"),
+        (lambda: ops.dense_code(v, i, 0), ValueError, r"'num_features' must be >= 1, got 0"),
+        (lambda: ops.dense_code(v, i, 5), IndexError, r"'indices' must hold feature indices in \[0, 5\)"),
+        (lambda: ops.dense_code(v, i, 9.0), TypeError, r"'num_features' must be an int, got float"),
+        (lambda: ops.dense_code(v, i[:, :2], 9), ValueError, r"'indices' must have the shape of 'values'"),
+        (lambda: ops.set_buffer_cache_limit(-1), ValueError, r"'max_bytes' must be an int >= 0, got -1"),
     ]
 
 
@@ -832,3 +853,97 @@ def test_cuda_grid_sizes_are_checked():
             assert grid.startswith(("checked_grid(", "blocks_for(")), (name, grid[:60])
             launches += 1
     assert launches >= 10
+
+
+# --------------------------------------------------------------------------- dense_code
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("repeats", [False, True])
+def test_dense_code_matches_reference(device, dtype, shape, repeats):
+    B, _, F, k, _ = shape
+    gen = torch.Generator().manual_seed(21)
+    values, indices = random_code(B, k, F, device, dtype, gen, repeats)
+    v = leaf(values)
+    up = torch.randn(B, F, generator=gen, dtype=torch.float64).to(device, dtype)
+    out, (gv,) = grads(lambda v: ops.dense_code(v, indices, F), (v,), up)
+    ref, (rv,) = grads(lambda v: R.dense_code(v, indices, F), (leaf(values),), up)
+    assert out.shape == (B, F) and out.dtype == dtype
+    torch.testing.assert_close(out, ref, **tol(dtype))
+    torch.testing.assert_close(gv, rv, **tol(dtype))
+
+
+def test_dense_code_gradcheck():
+    gen = torch.Generator().manual_seed(22)
+    values, indices = random_code(5, 4, 11, "cpu", torch.float64, gen, repeats=True)
+    assert torch.autograd.gradcheck(lambda v: ops.dense_code(v, indices, 11), (leaf(values),))
+    assert torch.autograd.gradgradcheck(lambda v: ops.dense_code(v, indices, 11), (leaf(values),))
+
+
+def test_dense_code_large_rows_reuse_cached_memory_and_stay_exact():
+    # [64, 8192] float32 = 2 MiB: above the cache's 1 MiB floor. A block that
+    # comes back from the cache holds the previous code, which must not leak.
+    gen = torch.Generator().manual_seed(23)
+    ops.clear_buffer_cache()
+    a_v, a_i = random_code(64, 16, 8192, "cpu", torch.float32, gen)
+    b_v, b_i = random_code(64, 16, 8192, "cpu", torch.float32, gen)
+    first = ops.dense_code(a_v, a_i, 8192)
+    ptr = first.data_ptr()
+    del first
+    assert ops.buffer_cache_bytes() >= 64 * 8192 * 4
+    second = ops.dense_code(b_v, b_i, 8192)
+    assert second.data_ptr() == ptr  # the same block, reused
+    torch.testing.assert_close(second, R.dense_code(b_v, b_i, 8192), rtol=0, atol=0)
+    ops.clear_buffer_cache()
+
+
+# --------------------------------------------------------------------------- buffer cache
+def test_buffer_cache_serves_weight_gradients_exactly_and_can_be_turned_off():
+    # W [1024, 256] float64 = 2 MiB: its gradient comes from the cache
+    gen = torch.Generator().manual_seed(24)
+    limit = ops.buffer_cache_limit()
+    F, d = 1024, 256
+    W = torch.randn(F, d, generator=gen, dtype=torch.float64).requires_grad_(True)
+    x = torch.randn(16, d, generator=gen, dtype=torch.float64)
+    b = torch.zeros(F, dtype=torch.float64, requires_grad=True)
+    try:
+        ops.clear_buffer_cache()
+        for _ in range(3):
+            v, i = ops.topk_encode(x, W, b, 8)
+            out = ops.sparse_decode(v, i, W, check_indices=False)
+            gw = torch.autograd.grad(out.square().sum(), W)[0]
+            rv, ri = R.topk_encode(x, W, b, 8)
+            ref = torch.autograd.grad(R.sparse_decode(rv, ri, W).square().sum(), W)[0]
+            torch.testing.assert_close(gw, ref, **tol(torch.float64))
+            del gw
+        assert ops.buffer_cache_bytes() >= F * d * 8
+        ops.set_buffer_cache_limit(0)
+        assert ops.buffer_cache_limit() == 0 and ops.buffer_cache_bytes() == 0
+        v, i = ops.topk_encode(x, W, b, 8)
+        gw = torch.autograd.grad(ops.sparse_decode(v, i, W).sum(), W)[0]
+        del gw
+        assert ops.buffer_cache_bytes() == 0
+    finally:
+        ops.set_buffer_cache_limit(limit)
+        ops.clear_buffer_cache()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("need", [(True, False), (False, True), (True, True)], ids=["v", "w", "vw"])
+def test_sparse_decode_backward_each_gradient_alone(device, need, strategy):
+    # the gather form computes both gradients in one feature-major pass when both are asked for
+    gen = torch.Generator().manual_seed(25)
+    values, indices = random_code(40, 7, 300, device, torch.float64, gen, repeats=True)
+    W = torch.randn(300, 33, generator=gen, dtype=torch.float64).to(device)
+    g = torch.randn(40, 33, generator=gen, dtype=torch.float64).to(device)
+    gv, gw = torch.ops.dualenc_fast.sparse_decode_backward(g, values, indices, W, need[0], need[1])
+    lv, lw = leaf(values), leaf(W)
+    rv, rw = torch.autograd.grad(R.sparse_decode(lv, indices, lw), (lv, lw), g)
+    if need[0]:
+        torch.testing.assert_close(gv, rv, **tol(torch.float64))
+    else:
+        assert gv.numel() == 0
+    if need[1]:
+        torch.testing.assert_close(gw, rw, **tol(torch.float64))
+    else:
+        assert gw.numel() == 0

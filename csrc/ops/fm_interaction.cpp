@@ -7,6 +7,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "buffer_cache.h"
 #include "checks.h"
 
 namespace dualenc_fast {
@@ -56,7 +57,7 @@ FmBackwardArgs prepare_fm_interaction_backward(const at::Tensor& grad_p, const a
   FmBackwardArgs a(values, indices, embeddings);
   a.g = grad_p.contiguous();
   a.grad_v = need_values_grad ? at::empty({a.B, a.k}, a.v.options()) : at::empty({0}, a.v.options());
-  a.grad_E = need_embeddings_grad ? at::empty({a.F, a.K}, a.E.options()) : at::empty({0}, a.E.options());
+  a.grad_E = need_embeddings_grad ? empty_cached({a.F, a.K}, a.E.options()) : at::empty({0}, a.E.options());
   return a;
 }
 

@@ -7,17 +7,19 @@ def register(sub):
         "bench",
         help="time a joint training step: reference vs plain-PyTorch peer vs fused kernels",
         description="Times one whole joint training step (forward, backward, Adam) on the reference "
-        "path, the best plain-PyTorch path and the fused kernels, interleaved in one run, plus "
+        "path, the best plain-PyTorch path, the fused kernels and the drop-in module, interleaved in "
+        "one run beside the floor (the encoder GEMM alone + one Adam step), plus "
         "transient memory (CPU) and op figures against limits measured in the same run. "
         "Prints ratios and writes JSON that names the machine.",
     )
-    p.add_argument("--config", default="C1", help="C1 (CPU config), P (paper scale) or tiny (default C1)")
+    p.add_argument("--config", default="C1", help="C1 (CPU config), CPU-S (a modern SAE's F and density on a CPU), P (paper "
+                   "scale), S (a modern SAE) or tiny (default C1)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--repeats", type=int, default=5, help="timed steps per path (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per path first (default 1)")
-    p.add_argument("--paths", default="reference,peer,fused,module",
-                   help="comma-separated subset of reference,peer,fused,module (default: all four); "
+    p.add_argument("--paths", default="reference,peer,fused,module,dropin,floor",
+                   help="comma-separated subset of reference,peer,fused,module,dropin,floor (default: all); "
                    "'' for none (with --sweep-k: the sweep alone)")
     p.add_argument("--no-memory", action="store_true", help="skip the transient-memory measurement")
     p.add_argument("--sweep-k", default=None, metavar="K1,K2,...",
@@ -49,7 +51,7 @@ def run(args) -> int:
         bench_ddp.run(args.config, args.ddp, args.repeats, args.warmup, args.rounds, args.threads, out=args.out)
         return 0
     paths = tuple(x.strip() for x in args.paths.split(",") if x.strip())
-    known = ("reference", "peer", "fused", "module")
+    known = bench.PATHS
     bad = [x for x in paths if x not in known]
     if bad:
         raise ValueError(f"--paths: unknown path(s) {bad}; choose from {', '.join(known)}")

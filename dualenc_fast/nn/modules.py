@@ -82,6 +82,16 @@ def resolve_backend(backend: str):
 # --------------------------------------------------------------------------- outputs
 
 
+def _dense_code_op():
+    """The compiled dense_code op (one pass per row, cached memory on CPU), or
+    None when the extension is not available."""
+    from ._ext import extension_available
+
+    if not extension_available():
+        return None
+    return importlib.import_module("dualenc_fast.ops").dense_code
+
+
 @dataclass
 class SparseCode:
     """A TopK code stored sparsely: ``values [B, k]``, ``indices [B, k]`` (int64).
@@ -108,6 +118,8 @@ class SparseCode:
 
     def dense(self) -> Tensor:
         """The dense ``[B, F]`` code (zeros off the active set); differentiable."""
+        if self.values.dim() == 2 and _dense_code_op() is not None:
+            return _dense_code_op()(self.values, self.indices, self.num_features, check_indices=not self.trusted)
         return RF.dense_code(self.values, self.indices, self.num_features)
 
     def detach(self) -> "SparseCode":

@@ -175,6 +175,63 @@ void scatter_rows(const FeatureCsr& csr,
   });
 }
 
+template <typename scalar_t>
+DUALENC_SIMD void dot_scatter_rows_range(const FeatureCsr& csr, const scalar_t* g, const scalar_t* coef,
+                                         const scalar_t* W, scalar_t* dv, scalar_t* dW, int64_t i0,
+                                         int64_t i1, int64_t k, int64_t d) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int L = 16;
+  std::vector<acc_t> buf(d);
+  acc_t* __restrict__ acc = buf.data();
+  for (int64_t i = i0; i < i1; ++i) {
+    for (int64_t c = 0; c < d; ++c) acc[c] = 0;
+    const scalar_t* __restrict__ w = W + i * d;
+    for (int64_t q = csr.rowptr[i]; q < csr.rowptr[i + 1]; ++q) {
+      const int64_t p = csr.pairs[q];
+      const scalar_t* __restrict__ gb = g + (p / k) * d;
+      const acc_t v = static_cast<acc_t>(coef[p]);
+      // the dot's partial sums and order are dot()'s, so dv matches row_dot bit for bit
+      acc_t part[L] = {};
+      int64_t c = 0;
+      for (; c + L <= d; c += L) {
+        for (int l = 0; l < L; ++l) {
+          const acc_t gc = static_cast<acc_t>(gb[c + l]);
+          part[l] += gc * static_cast<acc_t>(w[c + l]);
+          acc[c + l] += v * gc;
+        }
+      }
+      acc_t s = 0;
+      for (; c < d; ++c) {
+        const acc_t gc = static_cast<acc_t>(gb[c]);
+        s += gc * static_cast<acc_t>(w[c]);
+        acc[c] += v * gc;
+      }
+      for (int l = 0; l < L; ++l) s += part[l];
+      dv[p] = static_cast<scalar_t>(s);
+    }
+    store<scalar_t, acc_t>(dW + i * d, acc, d);
+  }
+}
+
+// Feature-major backward of a gather-sum out[b] = sum_j coef[b,j] W[idx[b,j]]
+// with upstream gradient g, both products in one pass over the code's CSR:
+//   dv[p] = <g[p / k], W[i]>   and   dW[i] = sum_{p in csr[i]} coef[p] * g[p / k].
+// Each W row is read once, in order; each pair's g row serves both products.
+// Writes every dW row; deterministic (each dv entry has one writer, each dW
+// row sums its pairs in increasing pair id).
+template <typename scalar_t>
+void dot_scatter_rows(const FeatureCsr& csr,
+                      const scalar_t* g,     // [B, d]
+                      const scalar_t* coef,  // [B, k]
+                      const scalar_t* W,     // [F, d]
+                      scalar_t* dv,          // [B, k]
+                      scalar_t* dW,          // [F, d]
+                      int64_t k, int64_t d) {
+  at::parallel_for(0, csr.num_rows(), grain_for(d * 8), [&](int64_t i0, int64_t i1) {
+    dot_scatter_rows_range<scalar_t>(csr, g, coef, W, dv, dW, i0, i1, k, d);
+  });
+}
+
 // The primitive set the shared host code (ops/sparse_impl.h) runs on.
 struct Prims {
   using Csr = FeatureCsr;

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "buffer_cache.h"
 #include "checks.h"
 #include "ops/cpu/primitives.h"
 #include "ops/sparse_impl.h"
@@ -48,11 +49,23 @@ inline bool ahead(const Candidate<acc_t>& a, const Candidate<acc_t>& b) {
 
 // Running top-k of one row across column tiles, under the tie rule. Columns
 // arrive in increasing feature index, so a later column never wins a tie.
+// Candidates that beat the threshold (the k-th best value at the last
+// compaction) are appended to a buffer of 2k; a full buffer is cut back to
+// its k best with nth_element, which raises the threshold. An append costs
+// far less than a heap update, and a compaction is linear in the buffer.
 template <typename acc_t>
 struct RowSelector {
-  Candidate<acc_t>* heap;  // capacity k; a max-heap under `ahead`: weakest first
+  Candidate<acc_t>* buf;  // capacity 2k
   int64_t size = 0;
   int64_t k = 0;
+  acc_t threshold = 0;  // the k-th best value at the last compaction (valid once size >= k):
+                        // a number must exceed it to enter, a NaN enters unless it is NaN
+
+  void compact() {
+    std::nth_element(buf, buf + (k - 1), buf + size, ahead<acc_t>);
+    size = k;
+    threshold = buf[k - 1].v;
+  }
 
   // Offer ReLU(z[c] + bias[c]) for features f0 + c, c in [0, n). ReLU keeps
   // NaN, and a NaN ranks first (the loss goes NaN, as in the reference).
@@ -61,24 +74,31 @@ struct RowSelector {
     int64_t c = 0;
     for (; c < n && size < k; ++c) {
       const acc_t f = static_cast<acc_t>(z[c]) + static_cast<acc_t>(bias[c]);
-      heap[size++] = {f <= acc_t(0) ? acc_t(0) : f, f0 + c};
-      if (size == k) std::make_heap(heap, heap + k, ahead<acc_t>);
+      buf[size++] = {f <= acc_t(0) ? acc_t(0) : f, f0 + c};
+      if (size == k) {
+        int64_t weakest = 0;
+        for (int64_t j = 1; j < k; ++j) {
+          if (ahead(buf[weakest], buf[j])) weakest = j;
+        }
+        threshold = buf[weakest].v;
+      }
     }
-    // Once the heap is full almost every value loses to the threshold: test a
+    if (c == n) return;
+    // Once k values are in almost every value loses to the threshold: test a
     // block of kBlock values branch-free (a loop the compiler vectorises) and
     // look at single values only in the rare block with a winner or a NaN.
     constexpr int64_t kBlock = 16;
+    const int64_t cap = 2 * k;
     for (; c < n; c += kBlock) {
       // k NaNs held: a later feature (higher index) can no longer enter
-      if (heap[0].v != heap[0].v) return;
+      if (threshold != threshold) return;
       const int64_t m = std::min(kBlock, n - c);
-      if (m == kBlock && !block_may_enter<scalar_t, acc_t>(z + c, bias + c, heap[0].v)) continue;
+      if (m == kBlock && !block_may_enter<scalar_t, acc_t>(z + c, bias + c, threshold)) continue;
       for (int64_t l = c; l < c + m; ++l) {
-        const Candidate<acc_t> cand{static_cast<acc_t>(z[l]) + static_cast<acc_t>(bias[l]), f0 + l};
-        if (!(cand.v <= heap[0].v)) {  // larger, or NaN (an equal value is a lost tie)
-          std::pop_heap(heap, heap + k, ahead<acc_t>);
-          heap[k - 1] = cand;
-          std::push_heap(heap, heap + k, ahead<acc_t>);
+        const acc_t f = static_cast<acc_t>(z[l]) + static_cast<acc_t>(bias[l]);
+        if (f > threshold || f != f) {  // larger, or NaN (an equal value is a lost tie)
+          buf[size++] = {f, f0 + l};
+          if (size == cap) compact();
         }
       }
     }
@@ -86,10 +106,11 @@ struct RowSelector {
 
   template <typename scalar_t>
   void write(scalar_t* out_v, int64_t* out_i) {
-    std::sort(heap, heap + k, ahead<acc_t>);
+    if (size > k) compact();
+    std::sort(buf, buf + k, ahead<acc_t>);
     for (int64_t j = 0; j < k; ++j) {
-      out_v[j] = static_cast<scalar_t>(heap[j].v);
-      out_i[j] = heap[j].i;
+      out_v[j] = static_cast<scalar_t>(buf[j].v);
+      out_i[j] = buf[j].i;
     }
   }
 };
@@ -104,37 +125,82 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x,       //
   at::Tensor &values = a.values, &indices = a.indices;
   const int64_t B = a.B, F = a.F;
   if (B == 0) return {values, indices};
-  // Tiles of [rows, cols] pre-activations (~8 MiB): column tiles let the GEMM
-  // read each weight row once per row block, and nothing [B, F] is allocated.
-  const int64_t rows = std::min<int64_t>(B, 4096);
-  const int64_t cols = std::min<int64_t>(F, std::max<int64_t>(256, encode_block_rows(F, rows, xe.element_size(), int64_t(8) << 20)));
+  // Each thread owns a contiguous block of rows and runs, for it, the GEMM in
+  // tiles of [rows, cols] pre-activations (single-threaded inside the parallel
+  // region) and the selection right after each tile, while the tile is in its
+  // cache: one parallel region per call, no barrier between tiles, and
+  // nothing [B, F] is allocated.
+  const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t per_thread = (B + nt - 1) / nt;
+  const int64_t rows = std::min<int64_t>(per_thread, 512);
+  const int64_t cols = std::min<int64_t>(F, 512);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xe.scalar_type(), "topk_encode_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    std::vector<Candidate<acc_t>> heaps(static_cast<size_t>(rows * k));
-    std::vector<RowSelector<acc_t>> sel(static_cast<size_t>(rows));
     const scalar_t* bp = b.const_data_ptr<scalar_t>();
-    for (int64_t r0 = 0; r0 < B; r0 += rows) {
-      const int64_t nr = std::min(rows, B - r0);
-      for (int64_t r = 0; r < nr; ++r) sel[r] = RowSelector<acc_t>{heaps.data() + r * k, 0, k};
-      const auto xb = xe.narrow(0, r0, nr);
-      for (int64_t f0 = 0; f0 < F; f0 += cols) {
-        const int64_t nc = std::min(cols, F - f0);
-        const auto z = at::mm(xb, W.narrow(0, f0, nc).t()).contiguous();  // [nr, nc]
-        const scalar_t* zp = z.const_data_ptr<scalar_t>();
-        at::parallel_for(0, nr, grain_for(nc, 1 << 15), [&](int64_t a, int64_t e) {
-          for (int64_t r = a; r < e; ++r) {
-            sel[r].offer(zp + r * nc, bp + f0, f0, nc);
-          }
-        });
+    at::parallel_for(0, B, per_thread, [&](int64_t ra, int64_t re) {
+      std::vector<Candidate<acc_t>> bufs(static_cast<size_t>(rows * 2 * k));
+      std::vector<RowSelector<acc_t>> sel(static_cast<size_t>(rows));
+      for (int64_t r0 = ra; r0 < re; r0 += rows) {
+        const int64_t nr = std::min(rows, re - r0);
+        for (int64_t r = 0; r < nr; ++r) sel[r] = RowSelector<acc_t>{bufs.data() + r * 2 * k, 0, k};
+        const auto xb = xe.narrow(0, r0, nr);
+        for (int64_t f0 = 0; f0 < F; f0 += cols) {
+          const int64_t nc = std::min(cols, F - f0);
+          const auto z = at::mm(xb, W.narrow(0, f0, nc).t()).contiguous();  // [nr, nc]
+          const scalar_t* zp = z.const_data_ptr<scalar_t>();
+          for (int64_t r = 0; r < nr; ++r) sel[r].offer(zp + r * nc, bp + f0, f0, nc);
+        }
+        scalar_t* vp = values.mutable_data_ptr<scalar_t>() + r0 * k;
+        int64_t* ip = indices.mutable_data_ptr<int64_t>() + r0 * k;
+        for (int64_t r = 0; r < nr; ++r) sel[r].write(vp + r * k, ip + r * k);
       }
-      scalar_t* vp = values.mutable_data_ptr<scalar_t>() + r0 * k;
-      int64_t* ip = indices.mutable_data_ptr<int64_t>() + r0 * k;
-      at::parallel_for(0, nr, grain_for(k * 8), [&](int64_t a, int64_t e) {
-        for (int64_t r = a; r < e; ++r) sel[r].write(vp + r * k, ip + r * k);
-      });
-    }
+    });
   });
   return {values, indices};
+}
+
+// The gather form of the backward on CPU: the ReLU mask applied while the
+// coefficients are copied (no [B, k] temporaries from ATen), weight gradients
+// in memory from the buffer cache. The dense form is the shared host code's.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_backward_cpu(
+    const at::Tensor& grad_values, const at::Tensor& values, const at::Tensor& indices, const at::Tensor& x,
+    const at::Tensor& weight, const std::optional<at::Tensor>& pre_bias, bool need_x_grad,
+    bool need_weight_grad, bool check_indices, int64_t sparse_form) {
+  if (resolve_sparse_form(sparse_form, values, values.size(1), weight.size(0)) > 0) {
+    return topk_encode_backward_impl<Prims>(grad_values, values, indices, x, weight, pre_bias, need_x_grad,
+                                            need_weight_grad, check_indices, sparse_form);
+  }
+  check_topk_encode_backward_args(grad_values, values, indices, x, weight, pre_bias, check_indices);
+  const auto gv = grad_values.contiguous();
+  const auto v = values.contiguous();
+  const auto idx = indices.contiguous();
+  const auto W = weight.contiguous();
+  const int64_t B = v.size(0), k = v.size(1), F = W.size(0), d = W.size(1);
+  auto grad_x = need_x_grad ? at::empty({B, d}, v.options()) : at::empty({0}, v.options());
+  auto grad_w = need_weight_grad ? empty_cached({F, d}, v.options()) : at::empty({0}, v.options());
+  auto grad_b = need_weight_grad ? at::empty({F}, v.options()) : at::empty({0}, v.options());
+  if (!need_x_grad && !need_weight_grad) return {grad_x, grad_w, grad_b};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "topk_encode_backward_cpu", [&] {
+    // a selected value that ReLU clamped to zero passes no gradient (a NaN
+    // passes it, as torch's relu backward)
+    std::vector<scalar_t> g(static_cast<size_t>(B * k));
+    const scalar_t* gp = gv.const_data_ptr<scalar_t>();
+    const scalar_t* vp = v.const_data_ptr<scalar_t>();
+    at::parallel_for(0, B * k, 1 << 14, [&](int64_t a, int64_t e) {
+      for (int64_t p = a; p < e; ++p) g[p] = static_cast<at::opmath_type<scalar_t>>(vp[p]) <= 0 ? scalar_t(0) : gp[p];
+    });
+    if (need_x_grad) {
+      gather_sum<scalar_t>(g.data(), idx.const_data_ptr<int64_t>(), W.const_data_ptr<scalar_t>(), nullptr,
+                           grad_x.mutable_data_ptr<scalar_t>(), B, k, d);
+    }
+    if (need_weight_grad) {
+      const auto xe = centered_input(x, pre_bias);
+      const FeatureCsr csr(idx, F);
+      scatter_rows<scalar_t>(csr, g.data(), xe.const_data_ptr<scalar_t>(), grad_w.mutable_data_ptr<scalar_t>(),
+                             grad_b.mutable_data_ptr<scalar_t>(), F, k, d);
+    }
+  });
+  return {grad_x, grad_w, grad_b};
 }
 
 }  // namespace
@@ -142,5 +208,5 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x,       //
 
 TORCH_LIBRARY_IMPL(dualenc_fast, CPU, m) {
   m.impl("topk_encode", &dualenc_fast::cpu::topk_encode_cpu);
-  m.impl("topk_encode_backward", &dualenc_fast::topk_encode_backward_impl<dualenc_fast::cpu::Prims>);
+  m.impl("topk_encode_backward", &dualenc_fast::cpu::topk_encode_backward_cpu);
 }
