@@ -2,7 +2,7 @@
 
 Times the step the trainer runs (``forward_sparse`` of a fused
 :class:`~dualenc_fast.JointSAENFM`, MSE, backward, the dead-feature and gradient
-all-reduces of :mod:`dualenc_fast.distributed`, fused Adam) at a config's
+all-reduces of :mod:`dualenc_fast.train.distributed`, fused Adam) at a config's
 global batch ``B``, in 1 process and in N processes of ``B / N`` rows each
 (torch.distributed, gloo, ``threads`` intra-op threads per process). Rounds
 alternate 1 and N processes so a noisy machine slows both alike; each figure
@@ -35,7 +35,7 @@ def _worker(rank: int, world: int, port: int, shape: dict, repeats: int, warmup:
     torch.set_num_threads(threads)
     import torch.distributed as dist
 
-    from . import distributed as dist_
+    from .train import distributed as dist_
     from .nn.modules import JointSAENFM
 
     if world > 1:

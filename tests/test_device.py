@@ -12,7 +12,7 @@ import torch
 
 import dualenc_fast as df
 from dualenc_fast.cli import main as cli_main
-from dualenc_fast.distributed import autocast, resolve_device
+from dualenc_fast.train.distributed import autocast, resolve_device
 from dualenc_fast.train import checkpoint as C
 from dualenc_fast.train import trainer as T
 from dualenc_fast.train.data import ActivationStore, BatchPrefetcher, write_store

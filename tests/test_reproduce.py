@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from dualenc_fast import reproduce as R
+from dualenc_fast.eval import reproduce as R
 from dualenc_fast.checkpoint import load_model
 from dualenc_fast.cli import main
 from dualenc_fast.data import outlier_filter, standardization_stats, write_store

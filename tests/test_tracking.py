@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dualenc_fast import tracking
+from dualenc_fast.train import tracking
 from dualenc_fast.cli import main
 from dualenc_fast.train.data import write_store
 from dualenc_fast.train import TrainConfig, read_metrics, train

@@ -12,8 +12,8 @@ def resolve_device(args):
     """The torch.device of --device, printed to stderr (rank 0 under torchrun)."""
     import sys
 
-    from dualenc_fast.distributed import describe_device, rank
-    from dualenc_fast.distributed import resolve_device as _resolve
+    from dualenc_fast.train.distributed import describe_device, rank
+    from dualenc_fast.train.distributed import resolve_device as _resolve
 
     dev = _resolve(getattr(args, "device", None))
     if rank() == 0:

@@ -67,7 +67,7 @@ def run(args) -> int:
     for name in ("max_tokens", "window", "batch_size", "shard_rows"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive")
-    from dualenc_fast import distributed as dist_
+    from dualenc_fast.train import distributed as dist_
 
     multi = dist_.init_from_env(dist_.resolve_device(args.device))
     try:

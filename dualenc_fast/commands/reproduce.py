@@ -1,6 +1,6 @@
 """``dualenc reproduce``: the paper's recipe at the paper's ratios, several seeds, with controls.
 
-See :mod:`dualenc_fast.reproduce` for the recipe, the models and the verdict rule.
+See :mod:`dualenc_fast.eval.reproduce` for the recipe, the models and the verdict rule.
 Writes ``OUT/reproduce.md`` (printed too), ``OUT/reproduce.json``, plots in
 ``OUT/plots/`` and every run in ``OUT/runs/seed<S>/<model>/``.
 """
@@ -87,7 +87,7 @@ def run(args) -> int:
     import torch
 
     from dualenc_fast import analysis as A
-    from dualenc_fast import reproduce as R
+    from dualenc_fast.eval import reproduce as R
     from dualenc_fast.storage import atomic_write_json, atomic_write_text
     from dualenc_fast.commands.collect import parse_layer
     from dualenc_fast.train.data import ActivationStore, bundled_texts, collect_activations, read_text_files
@@ -314,7 +314,7 @@ def run(args) -> int:
 
 def _report_only(out: Path) -> int:
     """Rebuild the headline, the parameter answer, the tables and the KL plot from reproduce.json."""
-    from dualenc_fast import reproduce as R
+    from dualenc_fast.eval import reproduce as R
     from dualenc_fast.checkpoint import atomic_write_json, atomic_write_text, read_json
 
     path = out / "reproduce.json"
@@ -374,7 +374,7 @@ def _plot_kl(agg, models, path: Path) -> None:
 
 
 def _report(settings, agg, head, answer, per_seed, outliers, timings, models) -> str:
-    from dualenc_fast import reproduce as R
+    from dualenc_fast.eval import reproduce as R
 
     s = settings
     r = s["ratios"]

@@ -101,7 +101,7 @@ def run(args) -> int:
     from dualenc_fast.train.data import ActivationStore
     from dualenc_fast.train.trainer import train
 
-    from dualenc_fast import distributed as dist_
+    from dualenc_fast.train import distributed as dist_
 
     apply_threads(args)
     if args.log_every < 0:

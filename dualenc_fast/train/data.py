@@ -249,7 +249,7 @@ def collect_activations(
     window = windows.shape[1]
     if not 0 <= skip_first < window:
         raise ValueError(f"skip_first must be in [0, {window}), got {skip_first}")
-    from .. import distributed as dist_
+    from . import distributed as dist_
 
     rank = dist_.rank() if rank is None else int(rank)
     world_size = dist_.world_size() if world_size is None else int(world_size)

@@ -414,7 +414,7 @@ def _prepare_run_dir(config: TrainConfig, store: ActivationStore, out_dir: Path,
             raise NoGoodCheckpointError(
                 f"cannot resume {out_dir}: it holds {', '.join(progress_found)} but no checkpoint; "
                 "pass overwrite (--overwrite) to start again from step 0")
-        from ..tracking import is_rank0
+        from .tracking import is_rank0
 
         for folder, reason in skipped:
             where = f" (moved to corrupt-{folder.name})" if is_rank0() else ""
@@ -481,7 +481,7 @@ def train(
     from ..progress import Progress
     from .data import outlier_filter, standardization_stats
 
-    from .. import distributed as dist_
+    from . import distributed as dist_
 
     config.validate()
     dev = dist_.resolve_device(device)
@@ -584,7 +584,7 @@ def train(
     row_stats = None  # the device-side figures of the step to log
     tracker = None
     if main:
-        from ..tracking import start_wandb
+        from .tracking import start_wandb
 
         tracker = start_wandb(wandb_project, out_dir, config=config.to_dict(), resume=found is not None)
     t0 = time.time()

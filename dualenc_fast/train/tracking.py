@@ -31,7 +31,7 @@ def _import_wandb():
     try:
         import wandb
     except ImportError:
-        from .errors import UserError
+        from ..errors import UserError
 
         raise UserError("--wandb needs the wandb package: pip install wandb (or pip install 'dualenc_fast[wandb]')") \
             from None
@@ -67,7 +67,7 @@ def start_wandb(project: Optional[str], run_dir, *, config: dict, resume: bool) 
     written there."""
     if not project or not is_rank0():
         return None
-    from .storage import atomic_write_json, read_json
+    from ..storage import atomic_write_json, read_json
 
     wandb = _import_wandb()
     run_dir = Path(run_dir)
