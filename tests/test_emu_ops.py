@@ -232,6 +232,16 @@ def test_topk_second_gemm_row_block(seed):
         close(v, v2, dtype)
 
 
+def test_topk_row_blocks_in_gemm_tiles():
+    """A budget of 300 rows for 400 rows: the blocks are cut at multiples of
+    128 rows (256 + 144), not 300 + 100."""
+    g = torch.Generator().manual_seed(11)
+    B, d, F, k = 400, 5, 24, 3
+    x, w, b = rnd(g, B, d).float(), rnd(g, F, d).float(), rnd(g, F, scale=0.1).float()
+    with emu.strategy_scope(encode_block_bytes=300 * F * 4):
+        check_topk(x, w, b, k, block_rows=256)
+
+
 def test_dense_form_in_row_blocks(seed):
     g = torch.Generator().manual_seed(10)
     B, d, F, k = 9, 7, 40, 6
