@@ -218,8 +218,9 @@ topk_select_kernel(const scalar_t* __restrict__ z,  // [rows, F]
 
 // Rows per encoder block on the GPU: within the byte budget's `rows`, a
 // multiple of the GEMM tile (128) and balanced, so no block is a thin tail
-// (P: 2 x 2048 rows, not 2684 + 1412 in bf16 or 4026 + 70 in fp32). Budgets
-// under 128 rows are kept as they are.
+// (P: 2 x 2048 rows, not 2684 + 1412, in bf16; 4 x 1024, not 3 x 1342 + 70,
+// in fp32, at the default budget of 256 MiB). Budgets under 128 rows are kept
+// as they are.
 inline int64_t gemm_block_rows(int64_t B, int64_t rows) {
   constexpr int64_t kTile = 128;
   if (rows >= B || rows < kTile) return rows;
