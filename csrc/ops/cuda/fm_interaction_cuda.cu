@@ -79,6 +79,7 @@ template <typename scalar_t>
 __global__ void fm_backward_features_kernel(const int64_t* __restrict__ rowptr,    // [F + 1]
                                             const int64_t* __restrict__ item_ptr,  // [F + 1]
                                             const int64_t* __restrict__ part_ptr,  // [F + 1]
+                                            const int64_t* __restrict__ item_feature,  // [grid.x]
                                             const int64_t* __restrict__ pairs,     // [nnz]
                                             const int* __restrict__ rows,          // [nnz]
                                             const scalar_t* __restrict__ g,        // [B, K]
@@ -92,7 +93,7 @@ __global__ void fm_backward_features_kernel(const int64_t* __restrict__ rowptr, 
   __shared__ int s_row[kPairsPerItem];
   __shared__ acc_t s_v[kPairsPerItem];
   CsrItem it;
-  if (!csr_item(rowptr, item_ptr, part_ptr, F, blockIdx.x, it)) return;
+  if (!csr_item(rowptr, item_ptr, part_ptr, item_feature, F, blockIdx.x, it)) return;
   const int n = static_cast<int>(it.q1 - it.q0);
   for (int t = threadIdx.x; t < n; t += blockDim.x) {
     s_row[t] = rows[it.q0 + t];
@@ -172,8 +173,8 @@ std::tuple<at::Tensor, at::Tensor> fm_interaction_backward_cuda(
                       checked_grid(ceil_div(K, threads), "fm_interaction_backward"));
       DUALENC_LAUNCH(fm_backward_features_kernel<scalar_t>, grid, threads, 0, stream)(
           csr.rowptr.const_data_ptr<int64_t>(), csr.item_ptr.const_data_ptr<int64_t>(),
-          csr.part_ptr.const_data_ptr<int64_t>(), csr.pairs.const_data_ptr<int64_t>(),
-          csr.rows.const_data_ptr<int>(), g.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
+          csr.part_ptr.const_data_ptr<int64_t>(), csr.item_feature.const_data_ptr<int64_t>(),
+          csr.pairs.const_data_ptr<int64_t>(), csr.rows.const_data_ptr<int>(), g.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
           E.const_data_ptr<scalar_t>(), S.const_data_ptr<acc_t>(), grad_E.mutable_data_ptr<scalar_t>(),
           parts.first.mutable_data_ptr<acc_t>(), F, K);
       C10_CUDA_KERNEL_LAUNCH_CHECK();

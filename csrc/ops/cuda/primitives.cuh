@@ -136,8 +136,9 @@ void row_dot(const scalar_t* g, const int64_t* idx, const scalar_t* W, scalar_t*
 // acc_t partial row per item (part_ptr[i] = its first partial row) and
 // reduce_partials sums them in item order: the result depends only on the
 // code, never on the schedule (bitwise the same run to run, no atomics).
-// multi_cum[i] = the number of features <= i with several items (the second
-// stage's blocks find their feature by a binary search in it).
+// multi_cum[i] = the number of features <= i with several items;
+// item_feature and multi_feature map each block of the two stages to its
+// feature (searchsorted once per CSR, not a search in every block).
 constexpr int64_t kPairsPerItem = 256;
 
 struct FeatureCsr {
@@ -147,6 +148,8 @@ struct FeatureCsr {
   at::Tensor item_ptr;   // [F + 1] int64
   at::Tensor part_ptr;   // [F + 1] int64
   at::Tensor multi_cum;  // [F] int64 (inclusive count)
+  at::Tensor item_feature;   // [item_bound()] int64: each item's feature (F past the last item)
+  at::Tensor multi_feature;  // [multi_bound()] int64: the m-th feature with several items (F past the last)
   int64_t F = 0, nnz = 0;
 
   FeatureCsr(const at::Tensor& idx, int64_t F_) : F(F_) {  // idx [B, k] (or flat) int64
@@ -164,6 +167,11 @@ struct FeatureCsr {
     item_ptr = at::cat({zero, at::cumsum(items, 0)});
     part_ptr = at::cat({zero, at::cumsum(at::mul(items, multi), 0)});
     multi_cum = at::cumsum(multi, 0, at::kLong);
+    // the kernels' block -> feature maps, one binary search per block here
+    // instead of a chain of dependent loads in every block
+    const auto opt = rowptr.options();
+    item_feature = at::sub(at::searchsorted(item_ptr, at::arange(item_bound(), opt), false, /*right=*/true), 1);
+    multi_feature = at::searchsorted(multi_cum, at::arange(multi_bound(), opt), false, /*right=*/true);
   }
 
   // grid bounds that need no host round-trip: items <= F + nnz / kPairsPerItem;
@@ -180,16 +188,6 @@ inline unsigned checked_grid(int64_t blocks, const char* what) {
   return static_cast<unsigned>(std::max<int64_t>(1, blocks));
 }
 
-// The last position in a sorted [0, n) array with a[pos] <= key (a[0] <= key).
-__device__ __forceinline__ int64_t last_le(const int64_t* __restrict__ a, int64_t n, int64_t key) {
-  int64_t lo = 0, hi = n;  // a[lo] <= key < a[hi] (a[n] = +inf)
-  while (hi - lo > 1) {
-    const int64_t mid = lo + (hi - lo) / 2;
-    if (a[mid] <= key) lo = mid; else hi = mid;
-  }
-  return lo;
-}
-
 // One work item of a FeatureCsr: its feature, its pair range [q0, q1), and
 // where its result goes (a partial row, or -1 for the feature's row itself).
 struct CsrItem {
@@ -197,10 +195,11 @@ struct CsrItem {
 };
 
 __device__ __forceinline__ bool csr_item(const int64_t* __restrict__ rowptr, const int64_t* __restrict__ item_ptr,
-                                         const int64_t* __restrict__ part_ptr, int64_t F, int64_t item,
+                                         const int64_t* __restrict__ part_ptr,
+                                         const int64_t* __restrict__ item_feature, int64_t F, int64_t item,
                                          CsrItem& it) {
-  if (item >= item_ptr[F]) return false;
-  const int64_t i = last_le(item_ptr, F, item);
+  const int64_t i = item_feature[item];
+  if (i >= F) return false;
   const int64_t chunk = item - item_ptr[i];
   it.feature = i;
   it.q0 = rowptr[i] + chunk * kPairsPerItem;
@@ -217,6 +216,7 @@ template <typename scalar_t>
 __global__ void scatter_rows_kernel(const int64_t* __restrict__ rowptr,    // [F + 1]
                                     const int64_t* __restrict__ item_ptr,  // [F + 1]
                                     const int64_t* __restrict__ part_ptr,  // [F + 1]
+                                    const int64_t* __restrict__ item_feature,  // [grid.x]
                                     const int64_t* __restrict__ pairs,     // [nnz]
                                     const int* __restrict__ rows,          // [nnz]
                                     const scalar_t* __restrict__ coef,     // [B, k]
@@ -230,7 +230,7 @@ __global__ void scatter_rows_kernel(const int64_t* __restrict__ rowptr,    // [F
   __shared__ int s_row[kPairsPerItem];
   __shared__ acc_t s_coef[kPairsPerItem];
   CsrItem it;
-  if (!csr_item(rowptr, item_ptr, part_ptr, F, blockIdx.x, it)) return;
+  if (!csr_item(rowptr, item_ptr, part_ptr, item_feature, F, blockIdx.x, it)) return;
   const int n = static_cast<int>(it.q1 - it.q0);
   for (int t = threadIdx.x; t < n; t += blockDim.x) {
     s_row[t] = rows[it.q0 + t];
@@ -261,23 +261,17 @@ __global__ void scatter_rows_kernel(const int64_t* __restrict__ rowptr,    // [F
 // Stage two: block (m, column slice) sums, in item order, the partial rows of
 // the m-th feature with several items (and its partial sums when dsum is set).
 template <typename scalar_t>
-__global__ void reduce_partials_kernel(const int64_t* __restrict__ part_ptr,   // [F + 1]
-                                       const int64_t* __restrict__ multi_cum,  // [F]
+__global__ void reduce_partials_kernel(const int64_t* __restrict__ part_ptr,       // [F + 1]
+                                       const int64_t* __restrict__ multi_feature,  // [grid.x]
                                        const at::opmath_type<scalar_t>* __restrict__ part,      // [*, d]
                                        const at::opmath_type<scalar_t>* __restrict__ part_sum,  // [*] or nullptr
-                                       scalar_t* __restrict__ dW,              // [F, d]
-                                       scalar_t* __restrict__ dsum,            // [F] or nullptr
+                                       scalar_t* __restrict__ dW,                  // [F, d]
+                                       scalar_t* __restrict__ dsum,                // [F] or nullptr
                                        int64_t F, int64_t d) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t m = blockIdx.x;
-  if (F == 0 || m >= multi_cum[F - 1]) return;
-  // the feature whose inclusive count first reaches m + 1
-  int64_t lo = -1, hi = F - 1;  // multi_cum[lo] <= m < multi_cum[hi]
-  while (hi - lo > 1) {
-    const int64_t mid = lo + (hi - lo) / 2;
-    if (multi_cum[mid] <= m) lo = mid; else hi = mid;
-  }
-  const int64_t i = hi, r0 = part_ptr[i], r1 = part_ptr[i + 1];
+  const int64_t i = multi_feature[blockIdx.x];
+  if (i >= F) return;
+  const int64_t r0 = part_ptr[i], r1 = part_ptr[i + 1];
   const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
   if (c < d) {
     acc_t acc = 0;
@@ -311,7 +305,7 @@ void reduce_partials(const FeatureCsr& csr, const at::Tensor& part, const at::Te
   const dim3 grid(checked_grid(csr.multi_bound(), "reduce_partials"),
                   checked_grid(ceil_div(d, threads), "reduce_partials"));
   DUALENC_LAUNCH(reduce_partials_kernel<scalar_t>, grid, threads, 0, stream)(
-      csr.part_ptr.const_data_ptr<int64_t>(), csr.multi_cum.const_data_ptr<int64_t>(),
+      csr.part_ptr.const_data_ptr<int64_t>(), csr.multi_feature.const_data_ptr<int64_t>(),
       static_cast<const acc_t*>(part.const_data_ptr()),
       dsum ? static_cast<const acc_t*>(part_sum.const_data_ptr()) : nullptr, dW, dsum, csr.F, d);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -331,8 +325,8 @@ void scatter_rows(const FeatureCsr& csr, const scalar_t* coef, const scalar_t* y
                   checked_grid(ceil_div(d, threads), "scatter_rows"));
   DUALENC_LAUNCH(scatter_rows_kernel<scalar_t>, grid, threads, 0, stream)(
       csr.rowptr.const_data_ptr<int64_t>(), csr.item_ptr.const_data_ptr<int64_t>(),
-      csr.part_ptr.const_data_ptr<int64_t>(), csr.pairs.const_data_ptr<int64_t>(),
-      csr.rows.const_data_ptr<int>(), coef, y, dW, dsum,
+      csr.part_ptr.const_data_ptr<int64_t>(), csr.item_feature.const_data_ptr<int64_t>(),
+      csr.pairs.const_data_ptr<int64_t>(), csr.rows.const_data_ptr<int>(), coef, y, dW, dsum,
       static_cast<acc_t*>(part.data_ptr()), dsum ? static_cast<acc_t*>(part_sum.data_ptr()) : nullptr, F, d);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   reduce_partials<scalar_t>(csr, part, part_sum, dW, dsum, d);
