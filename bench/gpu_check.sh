@@ -15,12 +15,14 @@
 #   sanitize  compute-sanitizer memcheck on the CUDA op tests, racecheck and
 #             synccheck on the CUDA top-k tests
 #   c1        dualenc bench at C1 on the GPU
+#   ncu       Nsight Compute speed-of-light of the work-item scatter kernels
+#             and the top-k select, on the large CUDA tests
 #   sweep     sparse_decode gather vs dense at P's shape over k (the "auto"
 #             thresholds of ops.set_sparse_strategy)
 # Everything printed is also written under bench/results/gpu-<device>-<date>/,
 # and, where $OUT is set (the device tool), copied to $OUT/<that name>/ and packed
 # into $OUT/gpu-results.tgz.
-#   PYTHON=python3 bash bench/gpu_check.sh [build,test,bench,sanitize,c1,sweep]
+#   PYTHON=python3 bash bench/gpu_check.sh [build,test,bench,sanitize,c1,ncu,sweep]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -118,6 +120,18 @@ if want c1; then
   log "bench: C1 float32"
   run bench-C1-float32 120 "$PY" -m dualenc_fast.cli bench --config C1 --device cuda --repeats 10 --no-memory \
     --out "$out/bench-C1-float32.json"
+fi
+
+if want ncu; then
+  ncu_bin=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+  if [ -x "$ncu_bin" ]; then
+    log "ncu: SpeedOfLight of scatter_rows / reduce_partials / topk_select"
+    run ncu 150 "$ncu_bin" --section SpeedOfLight --launch-count 12 \
+      --kernel-name "regex:scatter_rows_kernel|reduce_partials_kernel|topk_select_kernel" \
+      "$PY" -m pytest tests/test_cuda_large.py -q -p no:cacheprovider -k "heavy_feature or (large and f32 and 50000)"
+  else
+    log "ncu: not found"
+  fi
 fi
 
 if want sweep; then
