@@ -5,29 +5,40 @@
 #   build     the prebuilt module from bench/prebuild_gpu.sh (.gpu-prebuilt/)
 #             when it imports against this torch, else an in-place build for
 #             this GPU's architecture only
-#   test      the op tests, CPU and CUDA variants
+#   test      the CUDA op tests, the large shapes included (top-k select at
+#             F = 5000 and 50000, k up to F; every op in every dtype)
+#   bench     dualenc bench at P and S, bfloat16 and float32, each with a
+#             profiler breakdown of one fused step
+# The default (build,test,bench) fits 8 minutes of device time with the
+# prebuilt module: about 0.5 min build, <= 2 min tests, <= 4 x 75 s benches.
+# Opt-in stages (name them; they do not fit beside the default in 8 minutes):
 #   sanitize  compute-sanitizer memcheck on the CUDA op tests, racecheck and
 #             synccheck on the CUDA top-k tests
-#   bench     dualenc bench at P (bfloat16, float32; with a profile of the
-#             fused step) and C1 on the GPU
+#   c1        dualenc bench at C1 on the GPU
+#   ncu       Nsight Compute speed-of-light of the work-item scatter kernels
+#             and the top-k select, on the large CUDA tests
 #   sweep     sparse_decode gather vs dense at P's shape over k (the "auto"
 #             thresholds of ops.set_sparse_strategy)
 # Everything printed is also written under bench/results/gpu-<device>-<date>/,
-# and, where $OUT is set (the device tool), packed into $OUT/gpu-results.tgz.
-#   PYTHON=python3 bash bench/gpu_check.sh [build,test,sanitize,bench,sweep]
+# and, where $OUT is set (the device tool), copied to $OUT/<that name>/ and packed
+# into $OUT/gpu-results.tgz.
+#   PYTHON=python3 bash bench/gpu_check.sh [build,test,bench,sanitize,c1,ncu,sweep]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
-stages="${1:-build,test,sanitize,bench,sweep}"
+stages="${1:-build,test,bench}"
+t0=$(date +%s)
 want() { [[ ",$stages," == *",$1,"* ]]; }
 export PYTHONUNBUFFERED=1
 device=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '_'))" 2>/dev/null || echo unknown)
 out="bench/results/gpu-${device}-$(date -u +%Y%m%d)"
 mkdir -p "$out"
-log() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$out/summary.txt"; }
+log() { echo "== $(date -u +%H:%M:%S) +$(( $(date +%s) - t0 ))s $*" | tee -a "$out/summary.txt"; }
 pack() {
   if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
+    log "total: $(( $(date +%s) - t0 ))s"
     tar czf "$OUT/gpu-results.tgz" -C bench/results "$(basename "$out")" && cp "$out/summary.txt" "$OUT/"
+    cp -r "$out" "$OUT/" 2>/dev/null || true
   fi
 }
 trap pack EXIT
@@ -74,8 +85,9 @@ if want build; then
 fi
 
 if want test; then
-  log "test: op tests (CPU and CUDA)"
-  run tests 300 "$PY" -m pytest tests/test_ops.py tests/test_cuda_large.py tests/test_reference.py -q -p no:cacheprovider
+  log "test: CUDA op tests, large shapes included"
+  run tests 120 "$PY" -m pytest tests/test_cuda_large.py tests/test_ops.py -m cuda -q -p no:cacheprovider \
+    -k "not opcheck"
 fi
 
 if want sanitize; then
@@ -95,14 +107,31 @@ if want sanitize; then
 fi
 
 if want bench; then
-  for dt in bfloat16 float32; do
-    log "bench: P $dt"
-    run "bench-P-$dt" 150 "$PY" -m dualenc_fast.cli bench --config P --device cuda --dtype "$dt" --repeats 5 \
-      --no-memory --profile --out "$out/bench-P-$dt.json"
+  for cfg in P S; do
+    for dt in bfloat16 float32; do
+      log "bench: $cfg $dt (with a profile of the fused step)"
+      run "bench-$cfg-$dt" 75 "$PY" -m dualenc_fast.cli bench --config "$cfg" --device cuda --dtype "$dt" \
+        --repeats 3 --no-memory --profile --out "$out/bench-$cfg-$dt.json"
+    done
   done
+fi
+
+if want c1; then
   log "bench: C1 float32"
   run bench-C1-float32 120 "$PY" -m dualenc_fast.cli bench --config C1 --device cuda --repeats 10 --no-memory \
     --out "$out/bench-C1-float32.json"
+fi
+
+if want ncu; then
+  ncu_bin=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+  if [ -x "$ncu_bin" ]; then
+    log "ncu: SpeedOfLight of scatter_rows / reduce_partials / topk_select"
+    run ncu 150 "$ncu_bin" --section SpeedOfLight --launch-count 12 \
+      --kernel-name "regex:scatter_rows_kernel|reduce_partials_kernel|topk_select_kernel" \
+      "$PY" -m pytest tests/test_cuda_large.py -q -p no:cacheprovider -k "heavy_feature or (large and f32 and 50000)"
+  else
+    log "ncu: not found"
+  fi
 fi
 
 if want sweep; then

@@ -37,6 +37,8 @@ KERNELS = ROOT / "csrc" / "ops" / "cuda"
 # the emulated tests that run against each mutant: the op tests in thread order
 # and two seeds, without the big-F cases (the 5000-feature ones stay)
 TESTS = ["tests/test_emu_ops.py", "-k", "not 50000 and not seed3 and not seed2 and not side_by_side"]
+# under AddressSanitizer (slower): the emulator's self-tests and the op tests in thread order
+ASAN_TESTS = ["tests/test_emu.py", "tests/test_emu_ops.py", "-k", "seed0 and not 50000 and not side_by_side"]
 
 
 @dataclass
@@ -129,8 +131,8 @@ class Build:
             asan = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
             env["LD_PRELOAD"] = asan
             env["ASAN_OPTIONS"] = "detect_leaks=0:halt_on_error=1"
-        return run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *TESTS], self.log, env,
-                   timeout)
+        return run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                    *(ASAN_TESTS if self.asan else TESTS)], self.log, env, timeout)
 
 
 def main() -> int:
@@ -152,7 +154,8 @@ def main() -> int:
     folder.mkdir(parents=True, exist_ok=True)
     log = folder / "mutation_check.log"
     log.write_text("")
-    builds = {}
+    killed = 0
+    # plain mutants first, then the ASan build and its mutants
     for asan in sorted({m.asan for m in chosen}):
         b = Build(folder / ("asan" if asan else "plain"), asan, log)
         b.configure()
@@ -160,31 +163,26 @@ def main() -> int:
         if not b.build():
             raise SystemExit(f"the unmutated kernels do not build: see {log}")
         rc = b.test(args.timeout)
-        print(f"baseline ({'ASan' if asan else 'plain'} build {time.time() - t0:.0f}s): tests "
+        print(f"baseline ({'ASan/UBSan' if asan else 'plain'} build and tests {time.time() - t0:.0f}s): tests "
               f"{'pass' if rc == 0 else 'FAIL'}", flush=True)
         if rc != 0:
             raise SystemExit(f"the unmutated kernels fail the emulated tests: see {log}")
-        builds[asan] = b
-
-    killed = 0
-    for m in chosen:
-        b = builds[m.asan]
-        original = (KERNELS / m.file).read_text()
-        b.write(m.file, m.apply(original))
-        t0 = time.time()
-        try:
-            if not b.build():
-                verdict, ok = "killed (does not build)", True
-            else:
-                rc = b.test(args.timeout)
-                ok = rc != 0
-                verdict = ("killed" + (" (timeout)" if rc == 124 else "")) if ok else "SURVIVED"
-        finally:
-            b.write(m.file, original)
-        killed += ok
-        print(f"{verdict:>10}  {m.name}  ({time.time() - t0:.0f}s)", flush=True)
-    for b in builds.values():  # leave the build folders on the unmutated kernels
-        b.build()
+        for m in (m for m in chosen if m.asan == asan):
+            original = (KERNELS / m.file).read_text()
+            b.write(m.file, m.apply(original))
+            t0 = time.time()
+            try:
+                if not b.build():
+                    verdict, ok = "killed (does not build)", True
+                else:
+                    rc = b.test(args.timeout)
+                    ok = rc != 0
+                    verdict = ("killed" + (" (timeout)" if rc == 124 else "")) if ok else "SURVIVED"
+            finally:
+                b.write(m.file, original)
+            killed += ok
+            print(f"{verdict:>10}  {m.name}  ({time.time() - t0:.0f}s)", flush=True)
+        b.build()  # leave the build folder on the unmutated kernels
     print(f"kill rate: {killed}/{len(chosen)} mutants killed ({100.0 * killed / max(1, len(chosen)):.0f}%)")
     return 0 if killed == len(chosen) else 1
 

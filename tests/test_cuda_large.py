@@ -55,3 +55,26 @@ def test_topk_second_gemm_row_block():
         ops.set_encode_block_bytes(before)
     v2, i2 = ops.topk_encode(x.cuda(), w.cuda(), b.cuda(), k)
     assert torch.equal(i, i2) and torch.equal(v, v2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_transposed_heavy_feature_at_scale(dtype):
+    """The work-item form of the transposed products at P's batch and width: a
+    feature firing on all 4096 rows (16 work items), another on every other
+    row; against float64 and bitwise equal run to run."""
+    g = torch.Generator().manual_seed(5)
+    B, d, F, k = 4096, 3200, 2000, 8
+    idx = torch.stack([torch.randperm(F - 2, generator=g)[:k] + 2 for _ in range(B)])
+    idx[:, 0] = 0
+    idx[::2, 1] = 1
+    v = torch.rand(B, k, generator=g) + 0.1
+    w, up = torch.randn(F, d, generator=g), torch.randn(B, d, generator=g)
+    dev = [t.to("cuda", dtype) for t in (v, w, up)]
+    op = torch.ops.dualenc_fast.sparse_decode_backward
+    with ops.sparse_strategy_scope("gather"):
+        runs = [op(dev[2], dev[0], idx.cuda(), dev[1], False, True, True)[1] for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+    ref = torch.zeros(F, d, dtype=torch.float64).index_add_(
+        0, idx.reshape(-1), dev[0].double().cpu().reshape(-1, 1) * dev[2].double().cpu().repeat_interleave(k, 0))
+    tol = dict(atol=1e-3, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.5, rtol=2e-2)
+    torch.testing.assert_close(runs[0].double().cpu(), ref, **tol)

@@ -232,6 +232,16 @@ def test_topk_second_gemm_row_block(seed):
         close(v, v2, dtype)
 
 
+def test_topk_row_blocks_in_gemm_tiles():
+    """A budget of 300 rows for 400 rows: the blocks are cut at multiples of
+    128 rows (256 + 144), not 300 + 100."""
+    g = torch.Generator().manual_seed(11)
+    B, d, F, k = 400, 5, 24, 3
+    x, w, b = rnd(g, B, d).float(), rnd(g, F, d).float(), rnd(g, F, scale=0.1).float()
+    with emu.strategy_scope(encode_block_bytes=300 * F * 4):
+        check_topk(x, w, b, k, block_rows=256)
+
+
 def test_dense_form_in_row_blocks(seed):
     g = torch.Generator().manual_seed(10)
     B, d, F, k = 9, 7, 40, 6
@@ -263,6 +273,73 @@ def test_fm_interaction(dtype, seed):
         close(ge, re, dtype, scale=k * math.sqrt(B))
         gv1, ge1 = E.fm_interaction_backward(up, v, idx, emb, False, True, True)
         assert gv1.numel() == 0 and torch.equal(ge1, ge)
+
+
+# --------------------------------------------------------------------------- feature-major work items
+# The transposed products (dW of sparse_decode and topk_encode, dE of
+# fm_interaction) cut each feature's pair list into work items of at most
+# PAIRS_PER_ITEM pairs (kPairsPerItem in primitives.cuh); a feature with several
+# items writes partial rows that a second kernel sums in item order.
+PAIRS_PER_ITEM = 256
+
+
+def heavy_code(gen, B, k, F):
+    """Feature 0 fires on every row (one item per PAIRS_PER_ITEM rows), feature
+    1 on every other row, the rest at random (distinct within a row)."""
+    idx = torch.stack([torch.randperm(F - 2, generator=gen)[:k] + 2 for _ in range(B)])
+    idx[:, 0] = 0
+    idx[::2, 1] = 1
+    return rnd(gen, B, k).abs() + 0.1, idx
+
+
+def transposed_grads(v, idx, w, x, up_d, up_k, emb, up_K):
+    with emu.strategy_scope("gather"):
+        _, gw = E.sparse_decode_backward(up_d, v, idx, w, False, True, True)
+        _, ew, eb = E.topk_encode_backward(up_k, v, idx, x, w, None, False, True, True)
+        _, ge = E.fm_interaction_backward(up_K, v, idx, emb, False, True, True)
+    return gw, ew, eb, ge
+
+
+# batch sizes around the item boundaries; d and K leave a partial column slice
+@pytest.mark.parametrize("B", [1, 256, 257, 600])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_transposed_work_items(B, dtype, seed):
+    g = torch.Generator().manual_seed(B)
+    d, F, k, K = 300, 23, 3, 260
+    v, idx = heavy_code(g, B, k, F)
+    w, x, emb = rnd(g, F, d), rnd(g, B, d), rnd(g, F, K, scale=0.5)
+    up_d, up_k, up_K = rnd(g, B, d), rnd(g, B, k), rnd(g, B, K)
+    v, w, x, emb, up_d, up_k, up_K = (t.to(dtype) for t in (v, w, x, emb, up_d, up_k, up_K))
+    gw, ew, eb, ge = transposed_grads(v, idx, w, x, up_d, up_k, emb, up_K)
+    _, (rw,) = ref_grads(lambda w_: R.sparse_decode(v.float(), idx, w_), [w], up_d)
+    close(gw, rw, dtype, scale=math.sqrt(B))
+    # the encoder's dW and db (every selected value is positive: no ReLU mask)
+    flat, up_flat = idx.reshape(-1), up_k.double().reshape(-1)
+    rows = x.double().repeat_interleave(k, 0)
+    rw2 = torch.zeros(F, d, dtype=torch.float64).index_add_(0, flat, up_flat[:, None] * rows)
+    rb2 = torch.zeros(F, dtype=torch.float64).index_add_(0, flat, up_flat)
+    close(ew, rw2, dtype, scale=math.sqrt(B))
+    close(eb, rb2, dtype, scale=math.sqrt(B))
+    _, (_, re) = ref_grads(lambda v_, e_: R.fm_interaction(v_, idx, e_), [v, emb], up_K)
+    close(ge, re, dtype, scale=k * math.sqrt(B))
+
+
+def test_transposed_bitwise_deterministic():
+    """Every schedule gives the same bits (partials are summed in item order,
+    never by atomics); a feature firing on all 600 rows spans three items."""
+    g = torch.Generator().manual_seed(21)
+    B, d, F, k, K = 600, 40, 9, 4, 36
+    v, idx = heavy_code(g, B, k, F)
+    v = v.float()
+    w, x, up_d, up_k, emb, up_K = (t.float() for t in (
+        rnd(g, F, d), rnd(g, B, d), rnd(g, B, d), rnd(g, B, k), rnd(g, F, K), rnd(g, B, K)))
+    runs = []
+    for s in (0, 1, 2, 3, 0):
+        with emu.schedule(s):
+            runs.append(transposed_grads(v, idx, w, x, up_d, up_k, emb, up_K))
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
 
 
 # --------------------------------------------------------------------------- integration_mlp

@@ -43,7 +43,7 @@ __global__ void fm_backward_rows_kernel(const scalar_t* __restrict__ g,    // [B
                                         scalar_t* __restrict__ dv,         // [B, k] or nullptr
                                         int64_t k, int64_t K) {
   using acc_t = at::opmath_type<scalar_t>;
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* s = reinterpret_cast<acc_t*>(smem_raw);
   const int64_t b = blockIdx.x;
   for (int64_t c = threadIdx.x; c < K; c += blockDim.x) {
@@ -71,28 +71,48 @@ __global__ void fm_backward_rows_kernel(const scalar_t* __restrict__ g,    // [B
   }
 }
 
-// dE[i] = sum over the pairs of feature i of v * g[b] * (S[b] - v * E[i]).
+// dE[i] = sum over the pairs of feature i of v * g[b] * (S[b] - v * E[i]):
+// block (work item of the CSR, column slice), as scatter_rows_kernel; a
+// feature with several items writes acc_t partial rows that
+// reduce_partials sums in item order (deterministic).
 template <typename scalar_t>
-__global__ void fm_backward_features_kernel(const int64_t* __restrict__ rowptr,  // [F + 1]
-                                            const int64_t* __restrict__ pairs,   // [B * k]
-                                            const scalar_t* __restrict__ g,      // [B, K]
-                                            const scalar_t* __restrict__ v,      // [B, k]
-                                            const scalar_t* __restrict__ E,      // [F, K]
+__global__ void fm_backward_features_kernel(const int64_t* __restrict__ rowptr,    // [F + 1]
+                                            const int64_t* __restrict__ item_ptr,  // [F + 1]
+                                            const int64_t* __restrict__ part_ptr,  // [F + 1]
+                                            const int64_t* __restrict__ item_feature,  // [grid.x]
+                                            const int64_t* __restrict__ pairs,     // [nnz]
+                                            const int* __restrict__ rows,          // [nnz]
+                                            const scalar_t* __restrict__ g,        // [B, K]
+                                            const scalar_t* __restrict__ v,        // [B, k]
+                                            const scalar_t* __restrict__ E,        // [F, K]
                                             const at::opmath_type<scalar_t>* __restrict__ S,  // [B, K]
-                                            scalar_t* __restrict__ dE,           // [F, K]
-                                            int64_t k, int64_t K) {
+                                            scalar_t* __restrict__ dE,             // [F, K]
+                                            at::opmath_type<scalar_t>* __restrict__ part,     // [*, K]
+                                            int64_t F, int64_t K) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t i = blockIdx.x;
-  for (int64_t c = threadIdx.x; c < K; c += blockDim.x) {
-    const acc_t ec = static_cast<acc_t>(E[i * K + c]);
-    acc_t acc = 0;
-    for (int64_t q = rowptr[i]; q < rowptr[i + 1]; ++q) {
-      const int64_t p = pairs[q];
-      const int64_t b = p / k;
-      const acc_t vj = static_cast<acc_t>(v[p]);
-      acc += vj * static_cast<acc_t>(g[b * K + c]) * (S[b * K + c] - vj * ec);
-    }
-    dE[i * K + c] = static_cast<scalar_t>(acc);
+  __shared__ int s_row[kPairsPerItem];
+  __shared__ acc_t s_v[kPairsPerItem];
+  CsrItem it;
+  if (!csr_item(rowptr, item_ptr, part_ptr, item_feature, F, blockIdx.x, it)) return;
+  const int n = static_cast<int>(it.q1 - it.q0);
+  for (int t = threadIdx.x; t < n; t += blockDim.x) {
+    s_row[t] = rows[it.q0 + t];
+    s_v[t] = static_cast<acc_t>(v[pairs[it.q0 + t]]);
+  }
+  __syncthreads();
+  const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  if (c >= K) return;
+  const acc_t ec = static_cast<acc_t>(E[it.feature * K + c]);
+  acc_t acc = 0;
+  for (int t = 0; t < n; ++t) {
+    const int64_t bc = static_cast<int64_t>(s_row[t]) * K + c;
+    const acc_t vj = s_v[t];
+    acc += vj * static_cast<acc_t>(g[bc]) * (S[bc] - vj * ec);
+  }
+  if (it.partial < 0) {
+    dE[it.feature * K + c] = static_cast<scalar_t>(acc);
+  } else {
+    part[it.partial * K + c] = acc;
   }
 }
 
@@ -108,7 +128,7 @@ at::Tensor fm_interaction_cuda(const at::Tensor& values,      // [B, k]
   if (B == 0 || K == 0) return out;
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "fm_interaction_cuda", [&] {
-    DUALENC_LAUNCH(fm_forward_kernel<scalar_t>, checked_grid(B, "fm_forward_kernel"), threads_for(K), 0, stream)(
+    DUALENC_LAUNCH(fm_forward_kernel<scalar_t>, checked_grid(B, "fm_interaction"), threads_cover(K), 0, stream)(
         v.const_data_ptr<scalar_t>(), idx.const_data_ptr<int64_t>(), E.const_data_ptr<scalar_t>(),
         out.mutable_data_ptr<scalar_t>(), k, K);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -139,19 +159,26 @@ std::tuple<at::Tensor, at::Tensor> fm_interaction_backward_cuda(
     const size_t smem = static_cast<size_t>(K) * sizeof(acc_t);
     TORCH_CHECK_VALUE(smem <= 48 * 1024, "dualenc_fast: fm_interaction on CUDA supports embedding ",
                       "widths up to ", 48 * 1024 / sizeof(acc_t), ", got embeddings of shape ", E.sizes());
-    DUALENC_LAUNCH(fm_backward_rows_kernel<scalar_t>, checked_grid(B, "fm_backward_rows_kernel"), 256, smem, stream)(
+    DUALENC_LAUNCH(fm_backward_rows_kernel<scalar_t>, checked_grid(B, "fm_interaction_backward"),
+                   std::max(256, threads_cover(K)), smem, stream)(
         g.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), idx.const_data_ptr<int64_t>(),
         E.const_data_ptr<scalar_t>(), S.mutable_data_ptr<acc_t>(),
         need_values_grad ? grad_v.mutable_data_ptr<scalar_t>() : nullptr, k, K);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (need_embeddings_grad && F > 0) {
       const FeatureCsr csr(idx, F);
-      DUALENC_LAUNCH(fm_backward_features_kernel<scalar_t>, checked_grid(F, "fm_backward_features_kernel"),
-                     threads_for(K), 0, stream)(
-          csr.rowptr.const_data_ptr<int64_t>(), csr.pairs.const_data_ptr<int64_t>(),
-          g.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), E.const_data_ptr<scalar_t>(),
-          S.const_data_ptr<acc_t>(), grad_E.mutable_data_ptr<scalar_t>(), k, K);
+      auto parts = csr_partials<acc_t>(csr, v, K, false);
+      const int threads = threads_cover(K);
+      const dim3 grid(checked_grid(csr.item_bound(), "fm_interaction_backward"),
+                      checked_grid(std::max<int64_t>(1, ceil_div(K, threads)), "fm_interaction_backward"));
+      DUALENC_LAUNCH(fm_backward_features_kernel<scalar_t>, grid, threads, 0, stream)(
+          csr.rowptr.const_data_ptr<int64_t>(), csr.item_ptr.const_data_ptr<int64_t>(),
+          csr.part_ptr.const_data_ptr<int64_t>(), csr.item_feature.const_data_ptr<int64_t>(),
+          csr.pairs.const_data_ptr<int64_t>(), csr.rows.const_data_ptr<int>(), g.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
+          E.const_data_ptr<scalar_t>(), S.const_data_ptr<acc_t>(), grad_E.mutable_data_ptr<scalar_t>(),
+          parts.first.mutable_data_ptr<acc_t>(), F, K);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+      reduce_partials<scalar_t>(csr, parts.first, parts.second, grad_E.mutable_data_ptr<scalar_t>(), nullptr, K);
     }
   });
   return {grad_v, grad_E};

@@ -24,6 +24,7 @@ namespace {
 
 constexpr int kSelectThreads = 256;
 constexpr int kMaxBlockSort = 2048;  // rows with k above this are sorted by at::sort
+static_assert(kSelectThreads == 256, "the bucket scan gives each thread one of the 256 buckets");
 
 // ReLU for the select. A NaN stays NaN, as one canonical NaN (bits 0x7fc00000:
 // above +Inf's 0x7f800000, so it ranks first, as in torch.topk, and NaNs tie
@@ -56,7 +57,8 @@ topk_select_kernel(const scalar_t* __restrict__ z,  // [rows, F]
   __shared__ unsigned int s_gt_count;
   __shared__ long long s_eq_base;
   __shared__ int s_done;
-  __shared__ int warp_offsets[kSelectThreads / kWarp + 1];
+  __shared__ long long warp_total[kSelectThreads / kWarp];
+  __shared__ int warp_counts[kSelectThreads / kWarp];
   __shared__ float sort_v[kMaxBlockSort];
   __shared__ int sort_i[kMaxBlockSort];
 
@@ -89,18 +91,29 @@ topk_select_kernel(const scalar_t* __restrict__ z,  // [rows, F]
     zeros = warp_sum(zeros);
     if (lane == 0 && zeros != 0u) atomicAdd(&hist[0], zeros);
     __syncthreads();
-    if (tid == 0) {
-      long long above = 0;
-      int chosen = 0;
-      for (int b = 255; b >= 0; --b) {
-        if (above + hist[b] >= remaining) {
-          chosen = b;
-          break;
-        }
-        above += hist[b];
+    // The chosen bucket is the highest b with (count in buckets >= b) >=
+    // remaining. Thread t owns bucket 255 - t: an inclusive scan in thread
+    // order (shuffles within each warp, then the warps' totals) gives each
+    // thread that count; exactly one thread sees it reach `remaining` at its
+    // own bucket (or, if no bucket does, bucket 0 takes the rest: the same
+    // answer as a serial scan from bucket 255 down).
+    {
+      const long long own = hist[255 - tid];
+      long long at_or_above = own;
+#pragma unroll
+      for (int off = 1; off < kWarp; off <<= 1) {
+        const long long up = __shfl_up_sync(0xffffffffu, at_or_above, off);
+        if (lane >= off) at_or_above += up;
       }
-      s_prefix = prefix | (static_cast<unsigned int>(chosen) << shift);
-      s_remaining = remaining - above;
+      if (lane == kWarp - 1) warp_total[warp] = at_or_above;
+      __syncthreads();
+      for (int w = 0; w < warp; ++w) at_or_above += warp_total[w];
+      const long long above = at_or_above - own;
+      const bool short_of = tid == kSelectThreads - 1 && at_or_above < remaining;  // bucket 0, all counted
+      if ((at_or_above >= remaining && above < remaining) || short_of) {
+        s_prefix = prefix | ((255u - static_cast<unsigned int>(tid)) << shift);
+        s_remaining = remaining - (short_of ? at_or_above : above);
+      }
     }
     __syncthreads();
     prefix = s_prefix;
@@ -134,31 +147,30 @@ topk_select_kernel(const scalar_t* __restrict__ z,  // [rows, F]
       oi[pos] = i;
     }
     const unsigned int ballot = __ballot_sync(0xffffffffu, eq);
-    if (lane == 0) warp_offsets[warp] = __popc(ballot);
+    if (lane == 0) warp_counts[warp] = __popc(ballot);
     __syncthreads();
-    if (tid == 0) {
-      int run = 0;
-      for (int w = 0; w < kSelectThreads / kWarp; ++w) {
-        const int c = warp_offsets[w];
-        warp_offsets[w] = run;
-        run += c;
-      }
-      warp_offsets[kSelectThreads / kWarp] = run;
+    // every thread reads the 8 warp counts: its warp's offset and the total
+    int before = 0, total = 0;
+#pragma unroll
+    for (int w = 0; w < kSelectThreads / kWarp; ++w) {
+      const int c = warp_counts[w];
+      before += w < warp ? c : 0;
+      total += c;
     }
-    __syncthreads();
     if (eq) {
-      const long long pos = s_eq_base + warp_offsets[warp] + __popc(ballot & ((1u << lane) - 1u));
+      const long long pos = s_eq_base + before + __popc(ballot & ((1u << lane) - 1u));
       if (pos < n_eq) {
         ov[n_gt + pos] = static_cast<scalar_t>(f);
         oi[n_gt + pos] = i;
       }
     }
     __syncthreads();
-    // Thread 0 decides while no thread can be adding to s_gt_count; every
-    // thread reads the flag after the barrier, and it is written again only
-    // after three more barriers, so the whole block leaves the loop together.
+    // Thread 0 decides while no thread can be adding to s_gt_count or reading
+    // s_eq_base / warp_counts; every thread reads the flag after the barrier,
+    // and it is written again only after two more barriers, so the whole
+    // block leaves the loop together.
     if (tid == 0) {
-      s_eq_base += warp_offsets[kSelectThreads / kWarp];
+      s_eq_base += total;
       s_done = s_eq_base >= n_eq && s_gt_count >= static_cast<unsigned long long>(n_gt);
     }
     __syncthreads();
@@ -204,6 +216,19 @@ topk_select_kernel(const scalar_t* __restrict__ z,  // [rows, F]
   }
 }
 
+// Rows per encoder block on the GPU: within the byte budget's `rows`, a
+// multiple of the GEMM tile (128) and balanced, so no block is a thin tail
+// (P: 2 x 2048 rows, not 2684 + 1412, in bf16; 4 x 1024, not 3 x 1342 + 70,
+// in fp32, at the default budget of 256 MiB). Budgets under 128 rows are kept
+// as they are.
+inline int64_t gemm_block_rows(int64_t B, int64_t rows) {
+  constexpr int64_t kTile = 128;
+  if (rows >= B || rows < kTile) return rows;
+  const int64_t tiled = rows / kTile * kTile;
+  const int64_t blocks = ceil_div(B, tiled);
+  return std::min(tiled, ceil_div(ceil_div(B, blocks), kTile) * kTile);
+}
+
 std::tuple<at::Tensor, at::Tensor> topk_encode_cuda(const at::Tensor& x,       // [B, d]
                                                     const at::Tensor& weight,  // [F, d]
                                                     const at::Tensor& bias,    // [F]
@@ -219,7 +244,8 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cuda(const at::Tensor& x,       /
   at::Tensor &values = a.values, &indices = a.indices;
   const int64_t B = a.B, F = a.F;
   if (B == 0) return {values, indices};
-  const int64_t rows = encode_block_rows(B, F, xe.element_size(), sparse_strategy().encode_block_bytes);
+  const int64_t rows =
+      gemm_block_rows(B, encode_block_rows(B, F, xe.element_size(), sparse_strategy().encode_block_bytes));
   const auto Wt = W.t();
   auto stream = c10::cuda::getCurrentCUDAStream();
   for (int64_t r0 = 0; r0 < B; r0 += rows) {
