@@ -144,8 +144,11 @@ class Build:
         env = dict(os.environ, DUALENC_EMU_LIB=str(self.library()), DUALENC_REQUIRE_EMU="1",
                    PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         if self.asan:
-            asan = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
-            env["LD_PRELOAD"] = asan
+            # the sanitizer runtime first, and libstdc++ with it so that ASan finds the real
+            # __cxa_throw (python itself does not load libstdc++)
+            libs = [subprocess.run(["gcc", f"-print-file-name={lib}"], capture_output=True, text=True).stdout.strip()
+                    for lib in ("libasan.so", "libstdc++.so.6")]
+            env["LD_PRELOAD"] = " ".join(libs)
             env["ASAN_OPTIONS"] = "detect_leaks=0:halt_on_error=1"
         return run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
                     *(ASAN_TESTS if self.asan else TESTS)], self.log, env, timeout)
