@@ -150,8 +150,9 @@ class Build:
                     for lib in ("libasan.so", "libstdc++.so.6")]
             env["LD_PRELOAD"] = " ".join(libs)
             env["ASAN_OPTIONS"] = "detect_leaks=0:halt_on_error=1"
+        # -s under ASan: its report (it stops the process) reaches the log instead of pytest's capture
         return run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-                    *(ASAN_TESTS if self.asan else TESTS)], self.log, env, timeout)
+                    *(["-s", *ASAN_TESTS] if self.asan else TESTS)], self.log, env, timeout)
 
 
 def main() -> int:
