@@ -70,9 +70,10 @@ __global__ void primitives_kernel(long long* out, long long* counter) {
 
 // A missing __syncthreads: each thread reads what a thread of the other warp
 // wrote, with only a warp barrier in between. Right in thread order, wrong
-// under some schedules (shared memory starts as 0xff bytes: -1).
+// under some schedules (shared memory starts as 0xff bytes: -1; dynamic
+// shared memory, which the ASan build refills per block too).
 __global__ void missing_sync_kernel(int* out) {
-  __shared__ int s[64];
+  extern __shared__ int s[];
   const int t = threadIdx.x;
   s[t] = t + 1;
   __syncwarp();
@@ -151,7 +152,7 @@ std::vector<int64_t> run(const std::string& name) {
   }
   std::vector<int> out(64, 0);
   if (name == "missing_sync") {
-    DUALENC_LAUNCH(missing_sync_kernel, 1, 64, 0, 0)(out.data());
+    DUALENC_LAUNCH(missing_sync_kernel, 1, 64, 64 * sizeof(int), 0)(out.data());
   } else if (name == "divergent_barrier") {
     DUALENC_LAUNCH(divergent_barrier_kernel, 1, 64, 0, 0)(out.data());
   } else if (name == "barrier_after_exit") {
@@ -173,7 +174,7 @@ std::vector<int64_t> run(const std::string& name) {
   } else if (name == "trap") {
     DUALENC_LAUNCH(trap_kernel, 1, 64, 0, 0)(out.data());
   } else if (name == "bad_block") {
-    DUALENC_LAUNCH(missing_sync_kernel, 1, 2048, 0, 0)(out.data());
+    DUALENC_LAUNCH(missing_sync_kernel, 1, 2048, 64 * sizeof(int), 0)(out.data());
   } else {
     throw std::invalid_argument("emu selftest: unknown case '" + name + "'");
   }
