@@ -68,35 +68,29 @@ def sparse_strategy() -> dict:
     return dict(_ext._C.sparse_strategy())
 
 
+def _code_traits(values: Tensor, num_features: int) -> tuple:
+    """What the strategy decides by: (on CPU, 16-bit, float32, B, k, F)."""
+    return (
+        values.device.type == "cpu",
+        values.dtype in (torch.float16, torch.bfloat16),
+        values.dtype == torch.float32,
+        int(values.shape[0]),
+        int(values.shape[1]),
+        int(num_features),
+    )
+
+
 def uses_dense_path(values: Tensor, num_features: int) -> bool:
     """Whether the sparse ops would take the dense form for a code ``values``
     [B, k] over ``num_features`` features (device, dtype and the current
     :func:`set_sparse_strategy` settings decide)."""
-    return bool(
-        _ext._C.use_dense_path(
-            values.device.type == "cpu",
-            values.dtype in (torch.float16, torch.bfloat16),
-            values.dtype == torch.float32,
-            int(values.shape[0]),
-            int(values.shape[1]),
-            int(num_features),
-        )
-    )
+    return bool(_ext._C.use_dense_path(*_code_traits(values, num_features)))
 
 
 def _sparse_form(values: Tensor, num_features: int) -> int:
     """The form a forward records for its backward (0: gather, n > 0: dense in
     row blocks of about n bytes), from the strategy in force now."""
-    return int(
-        _ext._C.sparse_form(
-            values.device.type == "cpu",
-            values.dtype in (torch.float16, torch.bfloat16),
-            values.dtype == torch.float32,
-            int(values.shape[0]),
-            int(values.shape[1]),
-            int(num_features),
-        )
-    )
+    return int(_ext._C.sparse_form(*_code_traits(values, num_features)))
 
 
 def set_sparse_strategy(

@@ -18,15 +18,14 @@ import torch
 
 import dualenc_fast
 from dualenc_fast.train import checkpoint as C
-from dualenc_fast.train.data import write_store
 from dualenc_fast.train import TrainConfig, read_metrics, train
+from synthetic import F_, K_, synthetic_store
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                  reason="torch.distributed with gloo is not available")]
 
 torch.set_num_threads(1)
-D_, F_, K_ = 12, 48, 8
 TRAIN = ["--kind", "joint", "--features", str(F_), "--k", "4", "--embedding-dim", str(K_), "--batch-size", "32",
          "--backend", "auto", "--lr", "1e-3", "--threads", "1", "--no-progress", "--val-rows", "200",
          "--device", "cpu"]
@@ -55,11 +54,7 @@ def run_ok(args, timeout=240, **kw) -> str:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    torch.manual_seed(0)
-    basis = torch.randn(24, D_)
-    codes = torch.relu(torch.randn(1200, 24) - 1.0)
-    x = codes @ basis + 0.05 * torch.randn(1200, D_)
-    return write_store(x, tmp_path_factory.mktemp("acts"), shard_rows=300)
+    return synthetic_store(tmp_path_factory.mktemp("acts"))
 
 
 def _weights(run: Path) -> dict:

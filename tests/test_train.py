@@ -11,19 +11,15 @@ from dualenc_fast.train import checkpoint as C
 from dualenc_fast.train.data import write_store
 from dualenc_fast.train.trainer import (KINDS, TrainConfig, TrainingDiverged, build_model, evaluate, lr_factor,
                                         read_metrics, train)
+from synthetic import D_, F_, K_, synthetic_store
 
 torch.set_num_threads(1)
 
-D_, F_, K_ = 12, 48, 8
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    torch.manual_seed(0)
-    basis = torch.randn(24, D_)
-    codes = torch.relu(torch.randn(1200, 24) - 1.0)
-    x = codes @ basis + 0.05 * torch.randn(1200, D_)
-    return write_store(x, tmp_path_factory.mktemp("acts"), shard_rows=300)
+    return synthetic_store(tmp_path_factory.mktemp("acts"))
 
 
 def cfg(**kw):
