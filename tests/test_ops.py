@@ -952,3 +952,40 @@ def test_sparse_decode_backward_each_gradient_alone(device, need, strategy):
         torch.testing.assert_close(gw, rw, **tol(torch.float64))
     else:
         assert gw.numel() == 0
+
+
+# ------------------------------------------------------------- feature-major passes at a larger shape
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("repeats", [False, True])
+def test_feature_major_backward_larger_shape(device, dtype, repeats):
+    """The weight-gradient passes over the code's CSR (prefetching the batch rows of
+    later pairs, each pair's batch row stored beside it) at a shape past the small
+    cases: 600 rows, a d of no special size, features firing in many rows; every
+    gradient matches the reference, and twice the same bits."""
+    B, d, F, k = 600, 300, 500, 8
+    g = torch.Generator().manual_seed(5)
+    values, indices = random_code(B, k, F, device, dtype, g, repeats=repeats)
+    weight = torch.randn(F, d, generator=g, dtype=torch.float64).to(device, dtype)
+    up = torch.randn(B, d, generator=g, dtype=torch.float64).to(device, dtype)
+    with ops.sparse_strategy_scope("gather"):
+        out, gr = grads(ops.sparse_decode, [leaf(values), indices, leaf(weight), None], up)
+        _, gr2 = grads(ops.sparse_decode, [leaf(values), indices, leaf(weight), None], up)
+    ref, rgr = grads(R.sparse_decode, [leaf(values), indices, leaf(weight), None], up)
+    torch.testing.assert_close(out, ref, **tol(dtype))
+    assert_close_all(gr, rgr, dtype)
+    assert all(torch.equal(a, b) for a, b in zip(gr, gr2))
+
+    x = torch.randn(B, d, generator=g, dtype=torch.float64).to(device, dtype)
+    w_enc = torch.randn(F, d, generator=g, dtype=torch.float64).to(device, dtype)
+    b_enc = torch.randn(F, generator=g, dtype=torch.float64).to(device, dtype)
+    upv = torch.randn(B, k, generator=g, dtype=torch.float64).to(device, dtype)
+    with ops.sparse_strategy_scope("gather"):
+        wl, bl = leaf(w_enc), leaf(b_enc)
+        vo, io = ops.topk_encode(x, wl, bl, k)
+        egr = torch.autograd.grad(vo, [wl, bl], upv)
+    wr, br = leaf(w_enc), leaf(b_enc)
+    vr, ir = R.topk_encode(x, wr, br, k)
+    assert torch.equal(io, ir)
+    rgr = torch.autograd.grad(vr, [wr, br], upv)
+    assert_close_all(egr, rgr, dtype)

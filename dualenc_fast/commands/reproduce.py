@@ -14,7 +14,7 @@ from pathlib import Path
 
 from dualenc_fast.commands import add_run_options, apply_threads
 
-CPU_DEFAULT_TOKENS = 40_000
+CPU_DEFAULT_TOKENS = 300_000
 GPU_DEFAULT_TOKENS = 5_000_000
 
 

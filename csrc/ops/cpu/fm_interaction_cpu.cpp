@@ -24,6 +24,8 @@ DUALENC_SIMD void fm_forward_rows(const scalar_t* vp, const int64_t* ip, const s
   for (int64_t b = b0; b < b1; ++b) {
     for (int64_t c = 0; c < K; ++c) s[c] = q[c] = 0;
     for (int64_t j = 0; j < k; ++j) {
+      const int64_t ahead = b * k + j + kPrefetchDistance;
+      if (ahead < b1 * k) prefetch_row(Ep + ip[ahead] * K, K);
       const acc_t vj = static_cast<acc_t>(vp[b * k + j]);
       const scalar_t* __restrict__ e = Ep + ip[b * k + j] * K;
       for (int64_t c = 0; c < K; ++c) {
@@ -47,6 +49,8 @@ DUALENC_SIMD void fm_backward_rows(const scalar_t* gp, const scalar_t* vp, const
     acc_t* __restrict__ s = S + b * K;
     for (int64_t c = 0; c < K; ++c) s[c] = 0;
     for (int64_t j = 0; j < k; ++j) {
+      const int64_t ahead = b * k + j + kPrefetchDistance;
+      if (ahead < b1 * k) prefetch_row(Ep + ip[ahead] * K, K);
       axpy<scalar_t, acc_t>(s, static_cast<acc_t>(vp[b * k + j]), Ep + ip[b * k + j] * K, K);
     }
     if (!dv) continue;
@@ -86,8 +90,13 @@ DUALENC_SIMD void fm_backward_features(const FeatureCsr& csr, const scalar_t* gp
     for (int64_t c = 0; c < K; ++c) acc[c] = 0;
     const scalar_t* __restrict__ e = Ep + i * K;
     for (int64_t q = csr.rowptr[i]; q < csr.rowptr[i + 1]; ++q) {
+      if (q + kPrefetchDistance < csr.rowptr[i1]) {
+        const int64_t ba = csr.rows[q + kPrefetchDistance];
+        prefetch_row(gp + ba * K, K);
+        prefetch_row(S + ba * K, K);
+      }
       const int64_t p = csr.pairs[q];
-      const int64_t b = p / k;
+      const int64_t b = csr.rows[q];
       const acc_t vj = static_cast<acc_t>(vp[p]);
       const scalar_t* __restrict__ gb = gp + b * K;
       const acc_t* __restrict__ s = S + b * K;
@@ -145,7 +154,7 @@ std::tuple<at::Tensor, at::Tensor> fm_interaction_backward_cpu(
       fm_backward_rows<scalar_t, acc_t>(gp, vp, ip, Ep, S.data(), dv, b0, b1, k, K);
     });
     if (need_embeddings_grad) {
-      const FeatureCsr csr(ip, B * k, F);
+      const FeatureCsr csr(ip, B * k, F, k);
       scalar_t* dE = grad_E.mutable_data_ptr<scalar_t>();
       at::parallel_for(0, F, grain_for(K * 4), [&](int64_t i0, int64_t i1) {
         fm_backward_features<scalar_t, acc_t>(csr, gp, vp, Ep, S.data(), dE, i0, i1, k, K);

@@ -10,6 +10,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -124,37 +125,49 @@ void row_dot(const scalar_t* g,     // [B, d]
 
 // The transpose of a sparse code: for each feature, the flat pair ids
 // p = b * k + j with idx[p] == feature, in increasing p (a counting sort, so
-// every reduction over it is deterministic).
+// every reduction over it is deterministic), and beside each its batch row b
+// (int32), so the passes over it never divide.
 struct FeatureCsr {
   std::vector<int64_t> rowptr;  // [F + 1]
   std::vector<int64_t> pairs;   // [B * k]
+  std::vector<int32_t> rows;    // [B * k]: pairs[q] / k
 
-  FeatureCsr(const at::Tensor& idx, int64_t F)  // idx contiguous int64
-      : FeatureCsr(idx.const_data_ptr<int64_t>(), idx.numel(), F) {}
-  FeatureCsr(const int64_t* idx, int64_t n_pairs, int64_t F) : rowptr(F + 1, 0), pairs(n_pairs) {
+  FeatureCsr(const at::Tensor& idx, int64_t F)  // idx [B, k] contiguous int64
+      : FeatureCsr(idx.const_data_ptr<int64_t>(), idx.numel(), F, idx.dim() == 2 ? idx.size(1) : 1) {}
+  FeatureCsr(const int64_t* idx, int64_t n_pairs, int64_t F, int64_t k)
+      : rowptr(F + 1, 0), pairs(n_pairs), rows(n_pairs) {
+    TORCH_CHECK(k > 0 || n_pairs == 0, "FeatureCsr: k must be positive");
+    TORCH_CHECK(n_pairs == 0 || (n_pairs - 1) / k < (int64_t(1) << 31), "FeatureCsr: more than 2^31 batch rows");
     for (int64_t p = 0; p < n_pairs; ++p) ++rowptr[idx[p] + 1];
     for (int64_t i = 0; i < F; ++i) rowptr[i + 1] += rowptr[i];
     std::vector<int64_t> fill(rowptr.begin(), rowptr.end() - 1);
-    for (int64_t p = 0; p < n_pairs; ++p) pairs[fill[idx[p]]++] = p;
+    for (int64_t p = 0, b = 0; p < n_pairs; b++) {
+      for (int64_t j = 0; j < k; ++j, ++p) {
+        const int64_t q = fill[idx[p]]++;
+        pairs[q] = p;
+        rows[q] = static_cast<int32_t>(b);
+      }
+    }
   }
   int64_t num_rows() const { return static_cast<int64_t>(rowptr.size()) - 1; }
 };
 
 template <typename scalar_t>
 DUALENC_SIMD void scatter_rows_range(const FeatureCsr& csr, const scalar_t* coef, const scalar_t* y,
-                                     scalar_t* dW, scalar_t* dsum, int64_t i0, int64_t i1, int64_t k,
-                                     int64_t d) {
+                                     scalar_t* dW, scalar_t* dsum, int64_t i0, int64_t i1, int64_t d) {
   using acc_t = at::opmath_type<scalar_t>;
   std::vector<acc_t> buf(d);
-  acc_t* acc = buf.data();
+  acc_t* __restrict__ acc = buf.data();
+  const int64_t qend = csr.rowptr[i1];
   for (int64_t i = i0; i < i1; ++i) {
     for (int64_t c = 0; c < d; ++c) acc[c] = 0;
     acc_t total = 0;
     for (int64_t q = csr.rowptr[i]; q < csr.rowptr[i + 1]; ++q) {
-      const int64_t p = csr.pairs[q];
-      const acc_t v = static_cast<acc_t>(coef[p]);
+      // the batch rows of later pairs are random: ask for them early
+      if (q + kPrefetchDistance < qend) prefetch_row(y + int64_t(csr.rows[q + kPrefetchDistance]) * d, d);
+      const acc_t v = static_cast<acc_t>(coef[csr.pairs[q]]);
       total += v;
-      axpy<scalar_t, acc_t>(acc, v, y + (p / k) * d, d);
+      axpy<scalar_t, acc_t>(acc, v, y + int64_t(csr.rows[q]) * d, d);
     }
     store<scalar_t, acc_t>(dW + i * d, acc, d);
     if (dsum) dsum[i] = static_cast<scalar_t>(total);
@@ -169,26 +182,28 @@ void scatter_rows(const FeatureCsr& csr,
                   const scalar_t* y,     // [B, d]
                   scalar_t* dW,          // [F, d]
                   scalar_t* dsum,        // [F] or nullptr
-                  int64_t /*F: csr.num_rows()*/, int64_t k, int64_t d) {
+                  int64_t /*F: csr.num_rows()*/, int64_t /*k*/, int64_t d) {
   at::parallel_for(0, csr.num_rows(), grain_for(d * 4), [&](int64_t i0, int64_t i1) {
-    scatter_rows_range<scalar_t>(csr, coef, y, dW, dsum, i0, i1, k, d);
+    scatter_rows_range<scalar_t>(csr, coef, y, dW, dsum, i0, i1, d);
   });
 }
 
 template <typename scalar_t>
 DUALENC_SIMD void dot_scatter_rows_range(const FeatureCsr& csr, const scalar_t* g, const scalar_t* coef,
                                          const scalar_t* W, scalar_t* dv, scalar_t* dW, int64_t i0,
-                                         int64_t i1, int64_t k, int64_t d) {
+                                         int64_t i1, int64_t d) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int L = 16;
   std::vector<acc_t> buf(d);
   acc_t* __restrict__ acc = buf.data();
+  const int64_t qend = csr.rowptr[i1];
   for (int64_t i = i0; i < i1; ++i) {
     for (int64_t c = 0; c < d; ++c) acc[c] = 0;
     const scalar_t* __restrict__ w = W + i * d;
     for (int64_t q = csr.rowptr[i]; q < csr.rowptr[i + 1]; ++q) {
+      if (q + kPrefetchDistance < qend) prefetch_row(g + int64_t(csr.rows[q + kPrefetchDistance]) * d, d);
       const int64_t p = csr.pairs[q];
-      const scalar_t* __restrict__ gb = g + (p / k) * d;
+      const scalar_t* __restrict__ gb = g + int64_t(csr.rows[q]) * d;
       const acc_t v = static_cast<acc_t>(coef[p]);
       // the dot's partial sums and order are dot()'s, so dv matches row_dot bit for bit
       acc_t part[L] = {};
@@ -226,9 +241,9 @@ void dot_scatter_rows(const FeatureCsr& csr,
                       const scalar_t* W,     // [F, d]
                       scalar_t* dv,          // [B, k]
                       scalar_t* dW,          // [F, d]
-                      int64_t k, int64_t d) {
+                      int64_t /*k*/, int64_t d) {
   at::parallel_for(0, csr.num_rows(), grain_for(d * 8), [&](int64_t i0, int64_t i1) {
-    dot_scatter_rows_range<scalar_t>(csr, g, coef, W, dv, dW, i0, i1, k, d);
+    dot_scatter_rows_range<scalar_t>(csr, g, coef, W, dv, dW, i0, i1, d);
   });
 }
 
