@@ -50,10 +50,11 @@ class Progress:
         elif self.enabled and (self.n - self._last_line >= self.every or self.n >= self.total):
             self._line()
 
-    def set_postfix(self, **kw) -> None:
+    def set_postfix(self, refresh: bool = False, **kw) -> None:
+        """Values shown after the counts (``refresh`` as tqdm's: redraw the bar now)."""
         self.postfix = kw
         if self._bar is not None:
-            self._bar.set_postfix(refresh=False, **kw)
+            self._bar.set_postfix(refresh=refresh, **kw)
 
     def _line(self) -> None:
         self._last_line = self.n

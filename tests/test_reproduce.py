@@ -194,6 +194,29 @@ def test_progress_lines_without_a_terminal():
         Progress(3, every=0)
 
 
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_postfix_takes_tqdm_refresh_on_a_terminal_and_in_a_log():
+    """The trainer passes refresh=False as tqdm's set_postfix takes it: on a terminal
+    that must reach tqdm once (not twice: a TypeError), and in a log never be shown."""
+    tty = _Terminal()
+    with Progress(4, "train t", stream=tty) as bar:
+        assert bar.interactive
+        for _ in range(4):
+            bar.set_postfix(loss="0.5", refresh=False)
+            bar.update(1)
+    assert "loss=0.5" in tty.getvalue()
+    log = io.StringIO()
+    with Progress(4, "train l", every=2, stream=log) as bar:
+        for _ in range(4):
+            bar.set_postfix(loss="0.5", refresh=False)
+            bar.update(1)
+    assert "refresh" not in log.getvalue() and "loss=0.5" in log.getvalue()
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("repro")
