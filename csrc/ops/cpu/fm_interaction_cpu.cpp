@@ -83,18 +83,16 @@ DUALENC_SIMD void fm_backward_rows(const scalar_t* gp, const scalar_t* vp, const
 template <typename scalar_t, typename acc_t>
 DUALENC_SIMD void fm_backward_features(const FeatureCsr& csr, const scalar_t* gp, const scalar_t* vp,
                                        const scalar_t* Ep, const acc_t* S, scalar_t* dE, int64_t i0,
-                                       int64_t i1, int64_t k, int64_t K) {
+                                       int64_t i1, int64_t K) {
   std::vector<acc_t> buf(K);
   acc_t* __restrict__ acc = buf.data();
+  const int64_t qend = csr.rowptr[i1];
   for (int64_t i = i0; i < i1; ++i) {
     for (int64_t c = 0; c < K; ++c) acc[c] = 0;
     const scalar_t* __restrict__ e = Ep + i * K;
     for (int64_t q = csr.rowptr[i]; q < csr.rowptr[i + 1]; ++q) {
-      if (q + kPrefetchDistance < csr.rowptr[i1]) {
-        const int64_t ba = csr.rows[q + kPrefetchDistance];
-        prefetch_row(gp + ba * K, K);
-        prefetch_row(S + ba * K, K);
-      }
+      prefetch_pair_row(csr, q, qend, gp, K);
+      prefetch_pair_row(csr, q, qend, S, K);
       const int64_t p = csr.pairs[q];
       const int64_t b = csr.rows[q];
       const acc_t vj = static_cast<acc_t>(vp[p]);
@@ -157,7 +155,7 @@ std::tuple<at::Tensor, at::Tensor> fm_interaction_backward_cpu(
       const FeatureCsr csr(ip, B * k, F, k);
       scalar_t* dE = grad_E.mutable_data_ptr<scalar_t>();
       at::parallel_for(0, F, grain_for(K * 4), [&](int64_t i0, int64_t i1) {
-        fm_backward_features<scalar_t, acc_t>(csr, gp, vp, Ep, S.data(), dE, i0, i1, k, K);
+        fm_backward_features<scalar_t, acc_t>(csr, gp, vp, Ep, S.data(), dE, i0, i1, K);
       });
     }
   });

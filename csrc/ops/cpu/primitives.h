@@ -133,11 +133,14 @@ struct FeatureCsr {
   std::vector<int32_t> rows;    // [B * k]: pairs[q] / k
 
   FeatureCsr(const at::Tensor& idx, int64_t F)  // idx [B, k] contiguous int64
-      : FeatureCsr(idx.const_data_ptr<int64_t>(), idx.numel(), F, idx.dim() == 2 ? idx.size(1) : 1) {}
+      : FeatureCsr(idx.const_data_ptr<int64_t>(), idx.numel(), F, idx.size(-1)) {
+    TORCH_CHECK(idx.dim() == 2, "FeatureCsr: indices must be [B, k], got ", idx.dim(), " dimensions");
+  }
   FeatureCsr(const int64_t* idx, int64_t n_pairs, int64_t F, int64_t k)
       : rowptr(F + 1, 0), pairs(n_pairs), rows(n_pairs) {
-    TORCH_CHECK(k > 0 || n_pairs == 0, "FeatureCsr: k must be positive");
-    TORCH_CHECK(n_pairs == 0 || (n_pairs - 1) / k < (int64_t(1) << 31), "FeatureCsr: more than 2^31 batch rows");
+    TORCH_CHECK(n_pairs == 0 || (k > 0 && n_pairs % k == 0), "FeatureCsr: ", n_pairs,
+                " pairs are not whole rows of k = ", k);
+    TORCH_CHECK(n_pairs == 0 || n_pairs / k <= (int64_t(1) << 31), "FeatureCsr: more than 2^31 batch rows");
     for (int64_t p = 0; p < n_pairs; ++p) ++rowptr[idx[p] + 1];
     for (int64_t i = 0; i < F; ++i) rowptr[i + 1] += rowptr[i];
     std::vector<int64_t> fill(rowptr.begin(), rowptr.end() - 1);
@@ -152,6 +155,13 @@ struct FeatureCsr {
   int64_t num_rows() const { return static_cast<int64_t>(rowptr.size()) - 1; }
 };
 
+// The batch rows of a CSR walk are random: ask for row rows[q + ahead] of
+// `base` (row width `n`) while entry q is worked on, if it is before `qend`.
+template <typename T>
+inline void prefetch_pair_row(const FeatureCsr& csr, int64_t q, int64_t qend, const T* base, int64_t n) {
+  if (q + kPrefetchDistance < qend) prefetch_row(base + int64_t(csr.rows[q + kPrefetchDistance]) * n, n);
+}
+
 template <typename scalar_t>
 DUALENC_SIMD void scatter_rows_range(const FeatureCsr& csr, const scalar_t* coef, const scalar_t* y,
                                      scalar_t* dW, scalar_t* dsum, int64_t i0, int64_t i1, int64_t d) {
@@ -163,8 +173,7 @@ DUALENC_SIMD void scatter_rows_range(const FeatureCsr& csr, const scalar_t* coef
     for (int64_t c = 0; c < d; ++c) acc[c] = 0;
     acc_t total = 0;
     for (int64_t q = csr.rowptr[i]; q < csr.rowptr[i + 1]; ++q) {
-      // the batch rows of later pairs are random: ask for them early
-      if (q + kPrefetchDistance < qend) prefetch_row(y + int64_t(csr.rows[q + kPrefetchDistance]) * d, d);
+      prefetch_pair_row(csr, q, qend, y, d);
       const acc_t v = static_cast<acc_t>(coef[csr.pairs[q]]);
       total += v;
       axpy<scalar_t, acc_t>(acc, v, y + int64_t(csr.rows[q]) * d, d);
@@ -201,7 +210,7 @@ DUALENC_SIMD void dot_scatter_rows_range(const FeatureCsr& csr, const scalar_t* 
     for (int64_t c = 0; c < d; ++c) acc[c] = 0;
     const scalar_t* __restrict__ w = W + i * d;
     for (int64_t q = csr.rowptr[i]; q < csr.rowptr[i + 1]; ++q) {
-      if (q + kPrefetchDistance < qend) prefetch_row(g + int64_t(csr.rows[q + kPrefetchDistance]) * d, d);
+      prefetch_pair_row(csr, q, qend, g, d);
       const int64_t p = csr.pairs[q];
       const scalar_t* __restrict__ gb = g + int64_t(csr.rows[q]) * d;
       const acc_t v = static_cast<acc_t>(coef[p]);
@@ -241,7 +250,7 @@ void dot_scatter_rows(const FeatureCsr& csr,
                       const scalar_t* W,     // [F, d]
                       scalar_t* dv,          // [B, k]
                       scalar_t* dW,          // [F, d]
-                      int64_t /*k*/, int64_t d) {
+                      int64_t d) {
   at::parallel_for(0, csr.num_rows(), grain_for(d * 8), [&](int64_t i0, int64_t i1) {
     dot_scatter_rows_range<scalar_t>(csr, g, coef, W, dv, dW, i0, i1, d);
   });

@@ -36,7 +36,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward_cpu(const at::Tensor& 
     if (need_values_grad) {
       dot_scatter_rows<scalar_t>(csr, g.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
                                  W.const_data_ptr<scalar_t>(), grad_values.mutable_data_ptr<scalar_t>(),
-                                 grad_weight.mutable_data_ptr<scalar_t>(), k, d);
+                                 grad_weight.mutable_data_ptr<scalar_t>(), d);
     } else {
       scatter_rows<scalar_t>(csr, v.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
                              grad_weight.mutable_data_ptr<scalar_t>(), nullptr, F, k, d);
