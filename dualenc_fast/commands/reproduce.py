@@ -345,12 +345,12 @@ def _plot_norms(bims, path: Path, title: str) -> None:
 def _plot_kl(agg, models, path: Path) -> None:
     import numpy as np
 
-    from dualenc_fast.eval.report import _mpl
+    from dualenc_fast.eval.plotting import pyplot, save_figure
 
     names = [m for m in models if "kl_ratio" in agg.get(m, {})]
     if not names:
         return
-    plt = _mpl()
+    plt = pyplot()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(3 + 1.5 * len(names), 3.8))
     for ax, key, label in ((a1, "kl_ratio", "KL(recon) / KL(eps-random)"), (a2, "ce_increase", "CE increase (nats/token)")):
@@ -368,9 +368,7 @@ def _plot_kl(agg, models, path: Path) -> None:
         ax.set_ylabel(label)
         ax.set_title("mean over seeds, 95% t-interval", fontsize=8)
         ax.tick_params(axis="x", labelsize=8, rotation=20)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _report(settings, agg, head, answer, per_seed, outliers, timings, models) -> str:

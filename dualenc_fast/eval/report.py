@@ -26,15 +26,7 @@ import torch
 
 from ..analysis import weights as A
 from . import metrics as E
-
-
-def _mpl():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
+from .plotting import pyplot, save_figure
 
 
 def _jsonable(obj):
@@ -86,7 +78,7 @@ def _table(header, rows) -> str:
 
 def plot_norm_histograms(bims: Mapping[str, A.BimodalityResult], path: Path, threshold: float) -> Path:
     """Squared-norm histogram with the fitted 1- and 2-component mixtures, one panel per model."""
-    plt = _mpl()
+    plt = pyplot()
     n = len(bims)
     fig, axes = plt.subplots(1, n, figsize=(5 * n, 3.8), squeeze=False)
     for ax, (name, b) in zip(axes[0], bims.items()):
@@ -104,10 +96,7 @@ def plot_norm_histograms(bims: Mapping[str, A.BimodalityResult], path: Path, thr
                      f"dBIC={b.delta_bic:.0f}, dip p={b.dip.p_value:.3g}", fontsize=9)
         ax.set_xlabel("||W_dec[:, i]||^2")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_norm_vs_ratio(arrays: Mapping[str, Dict[str, np.ndarray]], path: Path, threshold: float,
@@ -116,7 +105,7 @@ def plot_norm_vs_ratio(arrays: Mapping[str, Dict[str, np.ndarray]], path: Path, 
     models = {k: v for k, v in arrays.items() if "linear_ratio" in v}
     if not models:
         return None
-    plt = _mpl()
+    plt = pyplot()
     keys = ["decoder_ratio", "linear_ratio", "embedding_ratio"]
     fig, axes = plt.subplots(len(models), 3, figsize=(13, 3.6 * len(models)), squeeze=False)
     rng = np.random.default_rng(0)
@@ -129,10 +118,7 @@ def plot_norm_vs_ratio(arrays: Mapping[str, Dict[str, np.ndarray]], path: Path, 
             ax.set_xlabel("squared decoder norm")
             ax.set_ylabel(key.replace("_", " "))
             ax.set_title(name, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_group_violins(arrays: Mapping[str, Dict[str, np.ndarray]], path: Path, threshold: float) -> Optional[Path]:
@@ -140,7 +126,7 @@ def plot_group_violins(arrays: Mapping[str, Dict[str, np.ndarray]], path: Path, 
     models = {k: v for k, v in arrays.items() if "linear_ratio" in v}
     if not models:
         return None
-    plt = _mpl()
+    plt = pyplot()
     keys = ["decoder_ratio", "linear_ratio", "embedding_ratio"]
     fig, axes = plt.subplots(len(models), 3, figsize=(12, 3.4 * len(models)), squeeze=False)
     for row, (name, arr) in zip(axes, models.items()):
@@ -156,10 +142,7 @@ def plot_group_violins(arrays: Mapping[str, Dict[str, np.ndarray]], path: Path, 
                 ax.set_xticks(range(1, len(data) + 1))
                 ax.set_xticklabels(labels, fontsize=8)
             ax.set_title(f"{name}: {key.replace('_', ' ')}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_ablation(ev: Dict[str, Any], path: Path) -> Optional[Path]:
@@ -169,7 +152,7 @@ def plot_ablation(ev: Dict[str, Any], path: Path) -> Optional[Path]:
     abl = ev.get("ablation") or {}
     if not abl:
         return None
-    plt = _mpl()
+    plt = pyplot()
     names = list(abl)
     base = ev.get("baseline")
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(4 + 4.4 * len(names), 3.8))
@@ -199,15 +182,12 @@ def plot_ablation(ev: Dict[str, Any], path: Path) -> Optional[Path]:
         ax.set_xticks(np.arange(len(names)))
         ax.set_xticklabels(names)
     a1.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_kl(splice: Dict[str, Any], path: Path) -> Path:
     """Bars of KL_recon / KL_eps and of the CE increase, with 95% bootstrap CIs."""
-    plt = _mpl()
+    plt = pyplot()
     names = list(splice["models"])
     res = [splice["models"][n] for n in names]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(4 + 2 * len(names), 3.8))
@@ -223,10 +203,7 @@ def plot_kl(splice: Dict[str, Any], path: Path) -> Path:
             ax.axhline(1.0, color="k", ls="--", lw=1)
         ax.set_ylabel(label)
         ax.tick_params(axis="x", labelsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------

@@ -207,11 +207,9 @@ def log_feature_density(density: Tensor) -> Tensor:
 def density_histogram(densities: Mapping[str, Tensor], path, *, title: str = "Feature density") -> Path:
     """A PNG histogram of ``log10(density + 1e-10)`` per model, with the dense threshold
     (10%) marked and the dead / dense counts in the legend."""
-    import matplotlib
+    from .plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -228,10 +226,7 @@ def density_histogram(densities: Mapping[str, Tensor], path, *, title: str = "Fe
     ax.set_ylabel("latents")
     ax.set_title(title)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 __all__ = [
