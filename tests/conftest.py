@@ -15,6 +15,17 @@ HAS_CUDA = torch.cuda.is_available()
 
 DEVICES = ["cpu"] + [pytest.param("cuda", marks=pytest.mark.cuda)]
 
+# (B, d, F, k, K) every op is tested at, compiled and emulated: awkward on
+# purpose: d=1, odd d, k=1, k=F, F of no special size, B=0.
+OP_SHAPES = [
+    (7, 5, 37, 4, 6),
+    (3, 1, 11, 1, 3),
+    (5, 9, 9, 9, 5),  # k = F
+    (0, 6, 13, 3, 4),  # B = 0
+    (33, 17, 101, 12, 7),
+]
+OP_SHAPE_IDS = ["basic", "d1_k1", "k_eq_F", "B0", "odd"]
+
 
 @pytest.fixture(scope="module")
 def one_thread():

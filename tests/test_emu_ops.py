@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import dualenc_fast.reference.functional as R
+from conftest import OP_SHAPES
 from emu_util import SEEDS, require_emu
 from topk_cases import SPECIALS, exact_rows, special_bias, tie_heavy, topk_cases
 
@@ -29,17 +30,11 @@ E = emu.ops()
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DT_IDS = ["f32", "bf16", "f16"]
 
-# (B, d, F, k, K): awkward on purpose (as tests/test_ops.py), plus a row count
-# and widths that leave partial warps and partial blocks of 256 threads.
-SHAPES = [
-    (7, 5, 37, 4, 6),
-    (3, 1, 11, 1, 3),
-    (5, 9, 9, 9, 5),  # k = F
-    (0, 6, 13, 3, 4),  # B = 0
-    (33, 17, 101, 12, 7),
+# (B, d, F, k, K): the compiled ops' awkward shapes, plus a row count and
+# widths that leave partial warps and partial blocks of 256 threads.
+SHAPES = OP_SHAPES + [
     (4, 300, 70, 33, 260),  # d, K above one block of 256 threads
 ]
-SHAPE_IDS = ["basic", "d1_k1", "k_eq_F", "B0", "odd", "wide"]
 
 
 def tol(dtype):

@@ -5,20 +5,9 @@ import pytest
 import torch
 
 import dualenc_fast.reference.functional as R
-from conftest import DEVICES
+from conftest import DEVICES, OP_SHAPE_IDS as SHAPE_IDS, OP_SHAPES as SHAPES
 
 ops = pytest.importorskip("dualenc_fast.ops")
-
-# (B, d, F, k, K): awkward on purpose: d=1, odd d, k=1, k=F, F of no special
-# size, B=0.
-SHAPES = [
-    (7, 5, 37, 4, 6),
-    (3, 1, 11, 1, 3),
-    (5, 9, 9, 9, 5),  # k = F
-    (0, 6, 13, 3, 4),  # B = 0
-    (33, 17, 101, 12, 7),
-]
-SHAPE_IDS = ["basic", "d1_k1", "k_eq_F", "B0", "odd"]
 
 
 def tol(dtype):
