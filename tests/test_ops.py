@@ -281,6 +281,27 @@ def test_topk_encode_many_winners_across_tiles_with_ties(order):
     assert torch.equal(i, ri) and torch.equal(v, rv)
 
 
+@pytest.mark.parametrize("k", [1, 64, 300])
+def test_topk_encode_select_random_rows_with_late_nan(k):
+    """Random rows of 5000 features (the CPU selection's candidate buffer cut
+    back many times, with the numbers-only order), repeated values, and rows
+    where a NaN arrives only after many cuts (the NaN order from then on):
+    the same values and indices as the reference, bit for bit."""
+    F, B = 5000, 6
+    g = torch.Generator().manual_seed(12)
+    bias = torch.randn(B, F, generator=g)
+    bias[1] = torch.round(bias[1] * 4) / 4  # many equal values
+    bias[2, 4000] = float("nan")
+    bias[3, [2500, 4999]] = float("nan")
+    bias[4, ::7] = float("nan")
+    x, w = torch.zeros(1, 1), torch.zeros(F, 1)
+    for r in range(B):
+        v, i = ops.topk_encode(x, w, bias[r], k)
+        rv, ri = R.topk_encode(x, w, bias[r], k)
+        assert torch.equal(i, ri), r
+        torch.testing.assert_close(v, rv, equal_nan=True, rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------- fm_interaction
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -19,16 +19,17 @@
 
 namespace dualenc_fast::cpu {
 
-// Whether any of z[0..16) + bias[0..16) is above `threshold` or NaN.
+// Bit l set for each l in [0, 16) whose z[l] + bias[l] is above `threshold`
+// or NaN (a compare the compiler vectorises into one mask).
 template <typename scalar_t, typename acc_t>
-DUALENC_SIMD bool block_may_enter(const scalar_t* __restrict__ z, const scalar_t* __restrict__ bias,
-                                  acc_t threshold) {
-  int hit = 0;
+DUALENC_SIMD uint32_t block_entry_mask(const scalar_t* __restrict__ z, const scalar_t* __restrict__ bias,
+                                       acc_t threshold) {
+  uint32_t mask = 0;
   for (int l = 0; l < 16; ++l) {
     const acc_t f = static_cast<acc_t>(z[l]) + static_cast<acc_t>(bias[l]);
-    hit |= !(f <= threshold);  // true for f > threshold and for NaN
+    mask |= static_cast<uint32_t>(!(f <= threshold)) << l;  // true for f > threshold and for NaN
   }
-  return hit != 0;
+  return mask;
 }
 
 namespace {
@@ -60,9 +61,16 @@ struct RowSelector {
   int64_t k = 0;
   acc_t threshold = 0;  // the k-th best value at the last compaction (valid once size >= k):
                         // a number must exceed it to enter, a NaN enters unless it is NaN
+  bool nan_held = false;  // whether a NaN ever entered (the comparisons need the NaN rule then)
 
   void compact() {
-    std::nth_element(buf, buf + (k - 1), buf + size, ahead<acc_t>);
+    if (nan_held) {
+      std::nth_element(buf, buf + (k - 1), buf + size, ahead<acc_t>);
+    } else {  // numbers only: the plain (value desc, index asc) order
+      std::nth_element(buf, buf + (k - 1), buf + size, [](const Candidate<acc_t>& a, const Candidate<acc_t>& b) {
+        return a.v > b.v || (a.v == b.v && a.i < b.i);
+      });
+    }
     size = k;
     threshold = buf[k - 1].v;
   }
@@ -74,6 +82,7 @@ struct RowSelector {
     int64_t c = 0;
     for (; c < n && size < k; ++c) {
       const acc_t f = static_cast<acc_t>(z[c]) + static_cast<acc_t>(bias[c]);
+      nan_held |= f != f;
       buf[size++] = {f <= acc_t(0) ? acc_t(0) : f, f0 + c};
       if (size == k) {
         int64_t weakest = 0;
@@ -85,23 +94,41 @@ struct RowSelector {
     }
     if (c == n) return;
     // Once k values are in almost every value loses to the threshold: test a
-    // block of kBlock values branch-free (a loop the compiler vectorises) and
-    // look at single values only in the rare block with a winner or a NaN.
+    // block of kBlock values branch-free (one vector compare into a bit mask)
+    // and visit only the set bits. The buffer, its size and the threshold live
+    // in locals here, so the loop keeps them in registers (stores into the
+    // buffer could otherwise alias the members).
     constexpr int64_t kBlock = 16;
     const int64_t cap = 2 * k;
+    Candidate<acc_t>* const b = buf;
+    int64_t sz = size;
+    acc_t thr = threshold;
     for (; c < n; c += kBlock) {
       // k NaNs held: a later feature (higher index) can no longer enter
-      if (threshold != threshold) return;
+      if (thr != thr) break;
       const int64_t m = std::min(kBlock, n - c);
-      if (m == kBlock && !block_may_enter<scalar_t, acc_t>(z + c, bias + c, threshold)) continue;
-      for (int64_t l = c; l < c + m; ++l) {
-        const acc_t f = static_cast<acc_t>(z[l]) + static_cast<acc_t>(bias[l]);
-        if (f > threshold || f != f) {  // larger, or NaN (an equal value is a lost tie)
-          buf[size++] = {f, f0 + l};
-          if (size == cap) compact();
+      uint32_t mask = m == kBlock ? block_entry_mask<scalar_t, acc_t>(z + c, bias + c, thr)
+                                  : (uint32_t{1} << m) - 1;
+      while (mask != 0) {
+        const int l = __builtin_ctz(mask);
+        mask &= mask - 1;
+        const acc_t f = static_cast<acc_t>(z[c + l]) + static_cast<acc_t>(bias[c + l]);
+        // larger, or NaN (an equal value is a lost tie); the threshold may
+        // have risen since the mask was taken
+        if (f > thr || f != f) {
+          nan_held |= f != f;
+          b[sz].v = f;
+          b[sz].i = f0 + c + l;
+          if (++sz == cap) {
+            size = sz;
+            compact();
+            sz = size;
+            thr = threshold;
+          }
         }
       }
     }
+    size = sz;
   }
 
   template <typename scalar_t>
