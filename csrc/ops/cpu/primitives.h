@@ -18,10 +18,11 @@
 
 namespace dualenc_fast::cpu {
 
-// Hot loops are compiled twice, for x86-64-v3 (AVX2 + FMA) and the baseline,
-// and the loader picks the one the running CPU supports.
+// Hot loops are compiled three times, for x86-64-v4 (AVX-512), x86-64-v3
+// (AVX2 + FMA) and the baseline, and the loader picks the best one the running
+// CPU supports.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
-#define DUALENC_SIMD __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define DUALENC_SIMD __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define DUALENC_SIMD
 #endif
