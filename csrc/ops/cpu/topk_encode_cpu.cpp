@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <functional>
 #include <vector>
 
 #include "buffer_cache.h"
@@ -59,6 +60,8 @@ struct RowSelector {
   Candidate<acc_t>* buf;  // capacity 2k
   int64_t size = 0;
   int64_t k = 0;
+  acc_t* vals = nullptr;              // scratch of 2k values, shared by a thread's rows
+  Candidate<acc_t>* ties = nullptr;   // scratch of 2k candidates, likewise
   acc_t threshold = 0;  // the k-th best value at the last compaction (valid once size >= k):
                         // a number must exceed it to enter, a NaN enters unless it is NaN
   bool nan_held = false;  // whether a NaN ever entered (the comparisons need the NaN rule then)
@@ -66,13 +69,34 @@ struct RowSelector {
   void compact() {
     if (nan_held) {
       std::nth_element(buf, buf + (k - 1), buf + size, ahead<acc_t>);
-    } else {  // numbers only: the plain (value desc, index asc) order
-      std::nth_element(buf, buf + (k - 1), buf + size, [](const Candidate<acc_t>& a, const Candidate<acc_t>& b) {
-        return a.v > b.v || (a.v == b.v && a.i < b.i);
-      });
+      size = k;
+      threshold = buf[k - 1].v;
+      return;
     }
+    // Numbers only: the k-th best value t by a selection over the bare values
+    // (a cheaper comparison than the (value, index) pair's), then keep every
+    // candidate above t and, of those equal to t, the ones with the lowest
+    // feature indices (a second selection only when more tie than fit).
+    for (int64_t j = 0; j < size; ++j) vals[j] = buf[j].v;
+    std::nth_element(vals, vals + (k - 1), vals + size, std::greater<acc_t>());
+    const acc_t t = vals[k - 1];
+    int64_t kept = 0, tied = 0;
+    for (int64_t j = 0; j < size; ++j) {
+      const Candidate<acc_t> c = buf[j];
+      if (c.v > t) {
+        buf[kept++] = c;
+      } else if (c.v == t) {
+        ties[tied++] = c;
+      }
+    }
+    const int64_t room = k - kept;  // >= 1: t itself is among the k best
+    if (tied > room) {
+      std::nth_element(ties, ties + (room - 1), ties + tied,
+                       [](const Candidate<acc_t>& a, const Candidate<acc_t>& b) { return a.i < b.i; });
+    }
+    for (int64_t j = 0; j < room; ++j) buf[kept++] = ties[j];
     size = k;
-    threshold = buf[k - 1].v;
+    threshold = t;
   }
 
   // Offer ReLU(z[c] + bias[c]) for features f0 + c, c in [0, n). ReLU keeps
@@ -166,10 +190,12 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x,       //
     const scalar_t* bp = b.const_data_ptr<scalar_t>();
     at::parallel_for(0, B, per_thread, [&](int64_t ra, int64_t re) {
       std::vector<Candidate<acc_t>> bufs(static_cast<size_t>(rows * 2 * k));
+      std::vector<acc_t> vals(static_cast<size_t>(2 * k));
+      std::vector<Candidate<acc_t>> ties(static_cast<size_t>(2 * k));
       std::vector<RowSelector<acc_t>> sel(static_cast<size_t>(rows));
       for (int64_t r0 = ra; r0 < re; r0 += rows) {
         const int64_t nr = std::min(rows, re - r0);
-        for (int64_t r = 0; r < nr; ++r) sel[r] = RowSelector<acc_t>{bufs.data() + r * 2 * k, 0, k};
+        for (int64_t r = 0; r < nr; ++r) sel[r] = RowSelector<acc_t>{bufs.data() + r * 2 * k, 0, k, vals.data(), ties.data()};
         const auto xb = xe.narrow(0, r0, nr);
         for (int64_t f0 = 0; f0 < F; f0 += cols) {
           const int64_t nc = std::min(cols, F - f0);
