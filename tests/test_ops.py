@@ -999,3 +999,71 @@ def test_feature_major_backward_larger_shape(device, dtype, repeats):
     assert torch.equal(io, ir)
     rgr = torch.autograd.grad(vr, [wr, br], upv)
     assert_close_all(egr, rgr, dtype)
+
+
+_BLOCKED_SCRIPT = r"""
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import dualenc_fast.ops as ops
+import dualenc_fast.reference.functional as R
+tol = {torch.float64: (1e-10, 1e-9), torch.float32: (2e-5, 1e-4), torch.bfloat16: (5e-2, 5e-2), torch.float16: (5e-3, 5e-3)}
+torch.set_num_threads(2)
+for dt in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+    for d in (1, 63, 300, 700):
+        g = torch.Generator().manual_seed(d)
+        B, F, k = 90, 40, 5
+        idx = torch.randint(0, F, (B, k), generator=g)
+        v = torch.randn(B, k, generator=g, dtype=torch.float64).to(dt)  # no dvalues: scatter_rows alone
+        W = torch.randn(F, d, generator=g, dtype=torch.float64).to(dt).requires_grad_()
+        b = torch.randn(d, generator=g, dtype=torch.float64).to(dt)
+        up = torch.randn(B, d, generator=g, dtype=torch.float64).to(dt)
+        atol, rtol = tol[dt]
+        with ops.sparse_strategy_scope("gather"):
+            out = ops.sparse_decode(v, idx, W, b)
+            (gw,) = torch.autograd.grad(out, [W], up)
+        vr, Wr = v.double(), W.detach().double().requires_grad_()
+        ref = R.sparse_decode(vr, idx, Wr, b.double())
+        (rgw,) = torch.autograd.grad(ref, [Wr], up.double())
+        torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol)
+        torch.testing.assert_close(gw.double(), rgw, atol=atol, rtol=rtol)
+        x = torch.randn(B, d, generator=g, dtype=torch.float64).to(dt)
+        we = torch.randn(F, d, generator=g, dtype=torch.float64).to(dt).requires_grad_()
+        be = torch.randn(F, generator=g, dtype=torch.float64).to(dt).requires_grad_()
+        upv = torch.randn(B, k, generator=g, dtype=torch.float64).to(dt)
+        with ops.sparse_strategy_scope("gather"):
+            vo, io = ops.topk_encode(x, we, be, k)
+            gwe, gbe = torch.autograd.grad(vo, [we, be], upv)  # scatter_rows with its sums
+        # the reference's gradient for the same selection (a near-tie may pick differently in 16 bits)
+        wr, br = we.detach().double().requires_grad_(), be.detach().double().requires_grad_()
+        z = torch.relu(x.double() @ wr.t() + br).gather(1, io)
+        rgwe, rgbe = torch.autograd.grad(z, [wr, br], upv.double())
+        torch.testing.assert_close(gwe.double(), rgwe, atol=atol * 4, rtol=rtol * 4)
+        torch.testing.assert_close(gbe.double(), rgbe, atol=atol * 4, rtol=rtol * 4)
+        E = (0.3 * torch.randn(F, d, generator=g, dtype=torch.float64)).to(dt).requires_grad_()
+        upk = torch.randn(B, d, generator=g, dtype=torch.float64).to(dt)
+        (gE,) = torch.autograd.grad(ops.fm_interaction(v, idx, E), [E], upk)  # the grouped dE pass
+        Er = E.detach().double().requires_grad_()
+        (rgE,) = torch.autograd.grad(R.fm_interaction(v.double(), idx, Er), [Er], upk.double())
+        torch.testing.assert_close(gE.double(), rgE, atol=atol * 4, rtol=rtol * 4)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("narrow", ["0", "1"])
+def test_register_blocked_loops_every_dtype(narrow, tmp_path):
+    """The CPU gather, weight-gradient and FM dE loops keep a block of columns in
+    registers (512 bytes of sums with 512-bit vectors, 256 otherwise,
+    DUALENC_CPU_NARROW=1 forcing the latter): d below, between and above the
+    block sizes of every dtype, against the reference, in a fresh process for
+    each block size."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "blocked.py"
+    script.write_text(_BLOCKED_SCRIPT)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(ops.__file__)))
+    env = dict(os.environ, DUALENC_CPU_NARROW=narrow)
+    res = subprocess.run([sys.executable, str(script), root], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout + res.stderr

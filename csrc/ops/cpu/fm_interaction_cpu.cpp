@@ -79,30 +79,62 @@ DUALENC_SIMD void fm_backward_rows(const scalar_t* gp, const scalar_t* vp, const
   }
 }
 
-// dE[i] = sum over the pairs of feature i of v * g[b] * (S[b] - v * E[i]).
-template <typename scalar_t, typename acc_t>
-DUALENC_SIMD void fm_backward_features(const FeatureCsr& csr, const scalar_t* gp, const scalar_t* vp,
-                                       const scalar_t* Ep, const acc_t* S, scalar_t* dE, int64_t i0,
-                                       int64_t i1, int64_t K) {
-  std::vector<acc_t> buf(K);
-  acc_t* __restrict__ acc = buf.data();
-  const int64_t qend = csr.rowptr[i1];
+// dE[i] = sum over the pairs of feature i of v * g[b] * (S[b] - v * E[i]),
+// C columns at a time: the C sums of a column block stay in registers while
+// the feature's pairs go by (each sum adds its terms in pair order). While a
+// feature is worked on, the first lines of the g and S rows of about as many
+// pairs ahead are asked for.
+template <typename scalar_t, typename acc_t, int64_t C>
+DUALENC_SIMD void fm_backward_features_blocked(const FeatureCsr& csr, const scalar_t* gp, const scalar_t* vp,
+                                               const scalar_t* Ep, const acc_t* S, scalar_t* dE, int64_t i0,
+                                               int64_t i1, int64_t K) {
+  const int64_t* __restrict__ rowptr = csr.rowptr.data();
+  const int64_t* __restrict__ pairs = csr.pairs.data();
+  const int32_t* __restrict__ rows = csr.rows.data();
+  const int64_t qend = rowptr[i1];
   for (int64_t i = i0; i < i1; ++i) {
-    for (int64_t c = 0; c < K; ++c) acc[c] = 0;
-    const scalar_t* __restrict__ e = Ep + i * K;
-    for (int64_t q = csr.rowptr[i]; q < csr.rowptr[i + 1]; ++q) {
-      prefetch_pair_row(csr, q, qend, gp, K);
-      prefetch_pair_row(csr, q, qend, S, K);
-      const int64_t p = csr.pairs[q];
-      const int64_t b = csr.rows[q];
-      const acc_t vj = static_cast<acc_t>(vp[p]);
-      const scalar_t* __restrict__ gb = gp + b * K;
-      const acc_t* __restrict__ s = S + b * K;
-      for (int64_t c = 0; c < K; ++c) {
-        acc[c] += vj * static_cast<acc_t>(gb[c]) * (s[c] - vj * static_cast<acc_t>(e[c]));
-      }
+    const int64_t q0 = rowptr[i], q1 = rowptr[i + 1];
+    const int64_t ahead = std::min(q1 + (q1 - q0) + 2, qend);
+    for (int64_t q = q1; q < ahead; ++q) {
+      __builtin_prefetch(gp + int64_t(rows[q]) * K);
+      __builtin_prefetch(S + int64_t(rows[q]) * K);
     }
-    store<scalar_t, acc_t>(dE + i * K, acc, K);
+    const scalar_t* __restrict__ e = Ep + i * K;
+    scalar_t* __restrict__ out = dE + i * K;
+    int64_t c0 = 0;
+    for (; c0 + C <= K; c0 += C) {
+      acc_t a[C] = {};
+      for (int64_t q = q0; q < q1; ++q) {
+        const acc_t vj = static_cast<acc_t>(vp[pairs[q]]);
+        const int64_t b = rows[q];
+        const scalar_t* __restrict__ gb = gp + b * K + c0;
+        const acc_t* __restrict__ s = S + b * K + c0;
+        for (int64_t c = 0; c < C; ++c) {
+          a[c] += vj * static_cast<acc_t>(gb[c]) * (s[c] - vj * static_cast<acc_t>(e[c0 + c]));
+        }
+      }
+      store<scalar_t, acc_t>(out + c0, a, C);
+    }
+    for (; c0 < K; ++c0) {
+      acc_t a = 0;
+      for (int64_t q = q0; q < q1; ++q) {
+        const acc_t vj = static_cast<acc_t>(vp[pairs[q]]);
+        const int64_t b = rows[q];
+        a += vj * static_cast<acc_t>(gp[b * K + c0]) * (S[b * K + c0] - vj * static_cast<acc_t>(e[c0]));
+      }
+      out[c0] = static_cast<scalar_t>(a);
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void fm_backward_features(const FeatureCsr& csr, const scalar_t* gp, const scalar_t* vp, const scalar_t* Ep,
+                          const acc_t* S, scalar_t* dE, int64_t i0, int64_t i1, int64_t K) {
+  constexpr int64_t kWide = 512 / static_cast<int64_t>(sizeof(acc_t));
+  if (wide_vectors()) {
+    fm_backward_features_blocked<scalar_t, acc_t, kWide>(csr, gp, vp, Ep, S, dE, i0, i1, K);
+  } else {
+    fm_backward_features_blocked<scalar_t, acc_t, kWide / 2>(csr, gp, vp, Ep, S, dE, i0, i1, K);
   }
 }
 

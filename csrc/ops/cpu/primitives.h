@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <vector>
 
 namespace dualenc_fast::cpu {
@@ -70,21 +71,73 @@ inline void store(scalar_t* __restrict__ out, const acc_t* __restrict__ acc, int
   for (int64_t c = 0; c < n; ++c) out[c] = static_cast<scalar_t>(acc[c]);
 }
 
-template <typename scalar_t>
-DUALENC_SIMD void gather_sum_rows(const scalar_t* coef, const int64_t* idx, const scalar_t* W,
-                                  const scalar_t* bias, scalar_t* out, int64_t b0, int64_t b1,
-                                  int64_t k, int64_t d) {
+// Whether the running CPU has 512-bit vectors (32 vector registers): the
+// register-blocked loops then keep twice the columns in registers.
+// DUALENC_CPU_NARROW=1 in the environment (read once) takes the narrow blocks
+// anyway, so that the tests cover both on any machine.
+inline bool wide_vectors() {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__CUDACC__)
+  static const bool wide = [] {
+    const char* narrow = std::getenv("DUALENC_CPU_NARROW");
+    return __builtin_cpu_supports("avx512f") && !(narrow && narrow[0] == '1');
+  }();
+  return wide;
+#else
+  return false;
+#endif
+}
+
+// Rows [b0, b1) of gather_sum, C columns at a time: the C sums of a column
+// block stay in registers while the row's k weight rows go by (no accumulator
+// in memory), and each sum adds its terms in code order, as a plain loop would.
+// While a row is worked on, the first line of each weight row of the next row
+// is asked for; within a row, the next column block of each weight row.
+template <typename scalar_t, int64_t C>
+DUALENC_SIMD void gather_sum_rows_blocked(const scalar_t* coef, const int64_t* idx, const scalar_t* W,
+                                          const scalar_t* bias, scalar_t* out, int64_t b0, int64_t b1,
+                                          int64_t k, int64_t d) {
   using acc_t = at::opmath_type<scalar_t>;
-  std::vector<acc_t> buf(d);
-  acc_t* acc = buf.data();
+  constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(scalar_t));
   for (int64_t b = b0; b < b1; ++b) {
-    for (int64_t c = 0; c < d; ++c) acc[c] = bias ? static_cast<acc_t>(bias[c]) : acc_t(0);
-    for (int64_t j = 0; j < k; ++j) {
-      const int64_t ahead = b * k + j + kPrefetchDistance;
-      if (ahead < b1 * k) prefetch_row(W + idx[ahead] * d, d);
-      axpy<scalar_t, acc_t>(acc, static_cast<acc_t>(coef[b * k + j]), W + idx[b * k + j] * d, d);
+    const int64_t* __restrict__ ib = idx + b * k;
+    const scalar_t* __restrict__ cb = coef + b * k;
+    if (b + 1 < b1) {
+      for (int64_t j = 0; j < k; ++j) __builtin_prefetch(W + ib[k + j] * d);
     }
-    store<scalar_t, acc_t>(out + b * d, acc, d);
+    int64_t c0 = 0;
+    for (; c0 + C <= d; c0 += C) {
+      acc_t a[C];
+      for (int64_t c = 0; c < C; ++c) a[c] = bias ? static_cast<acc_t>(bias[c0 + c]) : acc_t(0);
+      const bool more = c0 + C < d;
+      for (int64_t j = 0; j < k; ++j) {
+        const acc_t v = static_cast<acc_t>(cb[j]);
+        const scalar_t* __restrict__ w = W + ib[j] * d + c0;
+        if (more) {
+          __builtin_prefetch(w + C);
+          __builtin_prefetch(w + C + kLine);
+        }
+        for (int64_t c = 0; c < C; ++c) a[c] += v * static_cast<acc_t>(w[c]);
+      }
+      store<scalar_t, acc_t>(out + b * d + c0, a, C);
+    }
+    for (; c0 < d; ++c0) {
+      acc_t a = bias ? static_cast<acc_t>(bias[c0]) : acc_t(0);
+      for (int64_t j = 0; j < k; ++j) a += static_cast<acc_t>(cb[j]) * static_cast<acc_t>(W[ib[j] * d + c0]);
+      out[b * d + c0] = static_cast<scalar_t>(a);
+    }
+  }
+}
+
+template <typename scalar_t>
+void gather_sum_rows(const scalar_t* coef, const int64_t* idx, const scalar_t* W, const scalar_t* bias,
+                     scalar_t* out, int64_t b0, int64_t b1, int64_t k, int64_t d) {
+  // 512 bytes of sums (8 512-bit registers) with 32 vector registers, else 256
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int64_t kWide = 512 / static_cast<int64_t>(sizeof(acc_t));
+  if (wide_vectors()) {
+    gather_sum_rows_blocked<scalar_t, kWide>(coef, idx, W, bias, out, b0, b1, k, d);
+  } else {
+    gather_sum_rows_blocked<scalar_t, kWide / 2>(coef, idx, W, bias, out, b0, b1, k, d);
   }
 }
 
@@ -163,24 +216,64 @@ inline void prefetch_pair_row(const FeatureCsr& csr, int64_t q, int64_t qend, co
   if (q + kPrefetchDistance < qend) prefetch_row(base + int64_t(csr.rows[q + kPrefetchDistance]) * n, n);
 }
 
-template <typename scalar_t>
-DUALENC_SIMD void scatter_rows_range(const FeatureCsr& csr, const scalar_t* coef, const scalar_t* y,
-                                     scalar_t* dW, scalar_t* dsum, int64_t i0, int64_t i1, int64_t d) {
+// Features [i0, i1) of scatter_rows, C columns at a time: the C sums of a
+// column block stay in registers while the feature's pairs go by, each sum
+// adding its terms in pair order. While a feature is worked on, the first line
+// of the batch rows of about as many pairs ahead is asked for; within a
+// feature, the next column block of each batch row.
+template <typename scalar_t, int64_t C>
+DUALENC_SIMD void scatter_rows_range_blocked(const FeatureCsr& csr, const scalar_t* coef, const scalar_t* y,
+                                             scalar_t* dW, scalar_t* dsum, int64_t i0, int64_t i1, int64_t d) {
   using acc_t = at::opmath_type<scalar_t>;
-  std::vector<acc_t> buf(d);
-  acc_t* __restrict__ acc = buf.data();
-  const int64_t qend = csr.rowptr[i1];
+  constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(scalar_t));
+  const int64_t* __restrict__ rowptr = csr.rowptr.data();
+  const int64_t* __restrict__ pairs = csr.pairs.data();
+  const int32_t* __restrict__ rows = csr.rows.data();
+  const int64_t qend = rowptr[i1];
   for (int64_t i = i0; i < i1; ++i) {
-    for (int64_t c = 0; c < d; ++c) acc[c] = 0;
-    acc_t total = 0;
-    for (int64_t q = csr.rowptr[i]; q < csr.rowptr[i + 1]; ++q) {
-      prefetch_pair_row(csr, q, qend, y, d);
-      const acc_t v = static_cast<acc_t>(coef[csr.pairs[q]]);
-      total += v;
-      axpy<scalar_t, acc_t>(acc, v, y + int64_t(csr.rows[q]) * d, d);
+    const int64_t q0 = rowptr[i], q1 = rowptr[i + 1];
+    const int64_t ahead = std::min(q1 + (q1 - q0) + 2, qend);
+    for (int64_t q = q1; q < ahead; ++q) __builtin_prefetch(y + int64_t(rows[q]) * d);
+    scalar_t* __restrict__ out = dW + i * d;
+    int64_t c0 = 0;
+    for (; c0 + C <= d; c0 += C) {
+      acc_t a[C] = {};
+      const bool more = c0 + C < d;
+      for (int64_t q = q0; q < q1; ++q) {
+        const acc_t v = static_cast<acc_t>(coef[pairs[q]]);
+        const scalar_t* __restrict__ yr = y + int64_t(rows[q]) * d + c0;
+        if (more) {
+          __builtin_prefetch(yr + C);
+          __builtin_prefetch(yr + C + kLine);
+        }
+        for (int64_t c = 0; c < C; ++c) a[c] += v * static_cast<acc_t>(yr[c]);
+      }
+      store<scalar_t, acc_t>(out + c0, a, C);
     }
-    store<scalar_t, acc_t>(dW + i * d, acc, d);
-    if (dsum) dsum[i] = static_cast<scalar_t>(total);
+    for (; c0 < d; ++c0) {
+      acc_t a = 0;
+      for (int64_t q = q0; q < q1; ++q) {
+        a += static_cast<acc_t>(coef[pairs[q]]) * static_cast<acc_t>(y[int64_t(rows[q]) * d + c0]);
+      }
+      out[c0] = static_cast<scalar_t>(a);
+    }
+    if (dsum) {
+      acc_t total = 0;
+      for (int64_t q = q0; q < q1; ++q) total += static_cast<acc_t>(coef[pairs[q]]);
+      dsum[i] = static_cast<scalar_t>(total);
+    }
+  }
+}
+
+template <typename scalar_t>
+void scatter_rows_range(const FeatureCsr& csr, const scalar_t* coef, const scalar_t* y, scalar_t* dW,
+                        scalar_t* dsum, int64_t i0, int64_t i1, int64_t d) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int64_t kWide = 512 / static_cast<int64_t>(sizeof(acc_t));
+  if (wide_vectors()) {
+    scatter_rows_range_blocked<scalar_t, kWide>(csr, coef, y, dW, dsum, i0, i1, d);
+  } else {
+    scatter_rows_range_blocked<scalar_t, kWide / 2>(csr, coef, y, dW, dsum, i0, i1, d);
   }
 }
 
