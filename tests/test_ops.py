@@ -1026,6 +1026,12 @@ for dt in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
         (rgw,) = torch.autograd.grad(ref, [Wr], up.double())
         torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol)
         torch.testing.assert_close(gw.double(), rgw, atol=atol, rtol=rtol)
+        # both gradients in one feature-major pass: the same bits as each alone
+        vg = v.clone().requires_grad_()
+        with ops.sparse_strategy_scope("gather"):
+            gv2, gw2 = torch.autograd.grad(ops.sparse_decode(vg, idx, W, b), [vg, W], up)
+            (gv1,) = torch.autograd.grad(ops.sparse_decode(vg, idx, W.detach(), b), [vg], up)
+        assert torch.equal(gv2, gv1) and torch.equal(gw2, gw), (dt, d)
         x = torch.randn(B, d, generator=g, dtype=torch.float64).to(dt)
         we = torch.randn(F, d, generator=g, dtype=torch.float64).to(dt).requires_grad_()
         be = torch.randn(F, generator=g, dtype=torch.float64).to(dt).requires_grad_()

@@ -209,13 +209,6 @@ struct FeatureCsr {
   int64_t num_rows() const { return static_cast<int64_t>(rowptr.size()) - 1; }
 };
 
-// The batch rows of a CSR walk are random: ask for row rows[q + ahead] of
-// `base` (row width `n`) while entry q is worked on, if it is before `qend`.
-template <typename T>
-inline void prefetch_pair_row(const FeatureCsr& csr, int64_t q, int64_t qend, const T* base, int64_t n) {
-  if (q + kPrefetchDistance < qend) prefetch_row(base + int64_t(csr.rows[q + kPrefetchDistance]) * n, n);
-}
-
 // Features [i0, i1) of scatter_rows, C columns at a time: the C sums of a
 // column block stay in registers while the feature's pairs go by, each sum
 // adding its terms in pair order. While a feature is worked on, the first line
@@ -291,43 +284,88 @@ void scatter_rows(const FeatureCsr& csr,
   });
 }
 
-template <typename scalar_t>
-DUALENC_SIMD void dot_scatter_rows_range(const FeatureCsr& csr, const scalar_t* g, const scalar_t* coef,
-                                         const scalar_t* W, scalar_t* dv, scalar_t* dW, int64_t i0,
-                                         int64_t i1, int64_t d) {
+// Features [i0, i1) of dot_scatter_rows, C columns at a time: the C dW sums
+// of a column block stay in registers while the feature's pairs go by, and
+// each pair's dot collects L lane sums and a tail sum beside it, added up at
+// the end exactly as dot() adds them (so dv is row_dot's to the bit, and dW
+// scatter_rows').
+template <typename scalar_t, int64_t C>
+DUALENC_SIMD void dot_scatter_rows_range_blocked(const FeatureCsr& csr, const scalar_t* g, const scalar_t* coef,
+                                                 const scalar_t* W, scalar_t* dv, scalar_t* dW, int64_t i0,
+                                                 int64_t i1, int64_t d) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int L = 16;
-  std::vector<acc_t> buf(d);
-  acc_t* __restrict__ acc = buf.data();
-  const int64_t qend = csr.rowptr[i1];
+  constexpr int64_t L = 16;
+  constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(scalar_t));
+  const int64_t* __restrict__ rowptr = csr.rowptr.data();
+  const int64_t* __restrict__ pairs = csr.pairs.data();
+  const int32_t* __restrict__ rows = csr.rows.data();
+  const int64_t qend = rowptr[i1];
+  const int64_t dC = d / C * C, d16 = d / L * L;
+  std::vector<acc_t> scratch;
   for (int64_t i = i0; i < i1; ++i) {
-    for (int64_t c = 0; c < d; ++c) acc[c] = 0;
+    const int64_t q0 = rowptr[i], q1 = rowptr[i + 1], n = q1 - q0;
+    const int64_t ahead = std::min(q1 + n + 2, qend);
+    for (int64_t q = q1; q < ahead; ++q) __builtin_prefetch(g + int64_t(rows[q]) * d);
+    if (i + 1 < i1) __builtin_prefetch(W + (i + 1) * d);
+    if (static_cast<int64_t>(scratch.size()) < n * (L + 1)) scratch.resize(static_cast<size_t>(n * (L + 1)));
+    acc_t* __restrict__ part = scratch.data();  // per pair: L lane sums, then the tail's sum
+    for (int64_t m = 0; m < n * (L + 1); ++m) part[m] = 0;
     const scalar_t* __restrict__ w = W + i * d;
-    for (int64_t q = csr.rowptr[i]; q < csr.rowptr[i + 1]; ++q) {
-      prefetch_pair_row(csr, q, qend, g, d);
-      const int64_t p = csr.pairs[q];
-      const scalar_t* __restrict__ gb = g + int64_t(csr.rows[q]) * d;
-      const acc_t v = static_cast<acc_t>(coef[p]);
-      // the dot's partial sums and order are dot()'s, so dv matches row_dot bit for bit
-      acc_t part[L] = {};
-      int64_t c = 0;
-      for (; c + L <= d; c += L) {
-        for (int l = 0; l < L; ++l) {
-          const acc_t gc = static_cast<acc_t>(gb[c + l]);
-          part[l] += gc * static_cast<acc_t>(w[c + l]);
-          acc[c + l] += v * gc;
+    scalar_t* __restrict__ out = dW + i * d;
+    for (int64_t c0 = 0; c0 < dC; c0 += C) {
+      acc_t a[C] = {};
+      const bool more = c0 + C < d;
+      for (int64_t q = q0; q < q1; ++q) {
+        const acc_t v = static_cast<acc_t>(coef[pairs[q]]);
+        const scalar_t* __restrict__ gr = g + int64_t(rows[q]) * d + c0;
+        if (more) {
+          __builtin_prefetch(gr + C);
+          __builtin_prefetch(gr + C + kLine);
+        }
+        acc_t* __restrict__ pp = part + (q - q0) * (L + 1);
+        for (int64_t c = 0; c < C; ++c) a[c] += v * static_cast<acc_t>(gr[c]);
+        for (int64_t c = 0; c < C; c += L) {
+          for (int64_t l = 0; l < L; ++l) pp[l] += static_cast<acc_t>(gr[c + l]) * static_cast<acc_t>(w[c0 + c + l]);
         }
       }
-      acc_t s = 0;
-      for (; c < d; ++c) {
-        const acc_t gc = static_cast<acc_t>(gb[c]);
-        s += gc * static_cast<acc_t>(w[c]);
-        acc[c] += v * gc;
-      }
-      for (int l = 0; l < L; ++l) s += part[l];
-      dv[p] = static_cast<scalar_t>(s);
+      store<scalar_t, acc_t>(out + c0, a, C);
     }
-    store<scalar_t, acc_t>(dW + i * d, acc, d);
+    if (dC < d) {  // the columns past the last whole block
+      for (int64_t c = dC; c < d; ++c) {
+        acc_t a = 0;
+        for (int64_t q = q0; q < q1; ++q) {
+          a += static_cast<acc_t>(coef[pairs[q]]) * static_cast<acc_t>(g[int64_t(rows[q]) * d + c]);
+        }
+        out[c] = static_cast<scalar_t>(a);
+      }
+      for (int64_t q = q0; q < q1; ++q) {
+        const scalar_t* __restrict__ gr = g + int64_t(rows[q]) * d;
+        acc_t* __restrict__ pp = part + (q - q0) * (L + 1);
+        for (int64_t c = dC; c < d16; c += L) {
+          for (int64_t l = 0; l < L; ++l) pp[l] += static_cast<acc_t>(gr[c + l]) * static_cast<acc_t>(w[c + l]);
+        }
+        for (int64_t c = d16; c < d; ++c) pp[L] += static_cast<acc_t>(gr[c]) * static_cast<acc_t>(w[c]);
+      }
+    }
+    // each dot as dot() sums it: the tail first, then the lanes in order
+    for (int64_t q = q0; q < q1; ++q) {
+      const acc_t* pp = part + (q - q0) * (L + 1);
+      acc_t s = pp[L];
+      for (int64_t l = 0; l < L; ++l) s += pp[l];
+      dv[pairs[q]] = static_cast<scalar_t>(s);
+    }
+  }
+}
+
+template <typename scalar_t>
+void dot_scatter_rows_range(const FeatureCsr& csr, const scalar_t* g, const scalar_t* coef, const scalar_t* W,
+                            scalar_t* dv, scalar_t* dW, int64_t i0, int64_t i1, int64_t d) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int64_t kWide = 512 / static_cast<int64_t>(sizeof(acc_t));
+  if (wide_vectors()) {
+    dot_scatter_rows_range_blocked<scalar_t, kWide>(csr, g, coef, W, dv, dW, i0, i1, d);
+  } else {
+    dot_scatter_rows_range_blocked<scalar_t, kWide / 2>(csr, g, coef, W, dv, dW, i0, i1, d);
   }
 }
 
