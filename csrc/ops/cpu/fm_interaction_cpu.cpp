@@ -14,27 +14,62 @@
 namespace dualenc_fast::cpu {
 namespace {
 
-template <typename scalar_t>
-DUALENC_SIMD void fm_forward_rows(const scalar_t* vp, const int64_t* ip, const scalar_t* Ep, scalar_t* op,
-                                  int64_t b0, int64_t b1, int64_t k, int64_t K) {
+// Rows [b0, b1) of the forward, C columns at a time: the sums s and q of a
+// column block stay in registers while the row's k embedding rows go by (each
+// in code order). While a row is worked on, the first line of each embedding
+// row of the next row is asked for; within a row, the next column block.
+template <typename scalar_t, int64_t C>
+DUALENC_SIMD void fm_forward_rows_blocked(const scalar_t* vp, const int64_t* ip, const scalar_t* Ep, scalar_t* op,
+                                          int64_t b0, int64_t b1, int64_t k, int64_t K) {
   using acc_t = at::opmath_type<scalar_t>;
-  std::vector<acc_t> sbuf(K), qbuf(K);
-  acc_t* __restrict__ s = sbuf.data();
-  acc_t* __restrict__ q = qbuf.data();
+  constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(scalar_t));
   for (int64_t b = b0; b < b1; ++b) {
-    for (int64_t c = 0; c < K; ++c) s[c] = q[c] = 0;
-    for (int64_t j = 0; j < k; ++j) {
-      const int64_t ahead = b * k + j + kPrefetchDistance;
-      if (ahead < b1 * k) prefetch_row(Ep + ip[ahead] * K, K);
-      const acc_t vj = static_cast<acc_t>(vp[b * k + j]);
-      const scalar_t* __restrict__ e = Ep + ip[b * k + j] * K;
-      for (int64_t c = 0; c < K; ++c) {
-        const acc_t t = vj * static_cast<acc_t>(e[c]);
-        s[c] += t;
-        q[c] += t * t;
-      }
+    const int64_t* __restrict__ ib = ip + b * k;
+    const scalar_t* __restrict__ vb = vp + b * k;
+    if (b + 1 < b1) {
+      for (int64_t j = 0; j < k; ++j) __builtin_prefetch(Ep + ib[k + j] * K);
     }
-    for (int64_t c = 0; c < K; ++c) op[b * K + c] = static_cast<scalar_t>(acc_t(0.5) * (s[c] * s[c] - q[c]));
+    int64_t c0 = 0;
+    for (; c0 + C <= K; c0 += C) {
+      acc_t s[C] = {}, q[C] = {};
+      const bool more = c0 + C < K;
+      for (int64_t j = 0; j < k; ++j) {
+        const acc_t vj = static_cast<acc_t>(vb[j]);
+        const scalar_t* __restrict__ e = Ep + ib[j] * K + c0;
+        if (more) {
+          __builtin_prefetch(e + C);
+          __builtin_prefetch(e + C + kLine);
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t t = vj * static_cast<acc_t>(e[c]);
+          s[c] += t;
+          q[c] += t * t;
+        }
+      }
+      for (int64_t c = 0; c < C; ++c) op[b * K + c0 + c] = static_cast<scalar_t>(acc_t(0.5) * (s[c] * s[c] - q[c]));
+    }
+    for (; c0 < K; ++c0) {
+      acc_t s = 0, q = 0;
+      for (int64_t j = 0; j < k; ++j) {
+        const acc_t t = static_cast<acc_t>(vb[j]) * static_cast<acc_t>(Ep[ib[j] * K + c0]);
+        s += t;
+        q += t * t;
+      }
+      op[b * K + c0] = static_cast<scalar_t>(acc_t(0.5) * (s * s - q));
+    }
+  }
+}
+
+template <typename scalar_t>
+void fm_forward_rows(const scalar_t* vp, const int64_t* ip, const scalar_t* Ep, scalar_t* op, int64_t b0,
+                     int64_t b1, int64_t k, int64_t K) {
+  // two sums per column: 256 bytes of each with 512-bit vectors, 128 otherwise
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int64_t kWide = 256 / static_cast<int64_t>(sizeof(acc_t));
+  if (wide_vectors()) {
+    fm_forward_rows_blocked<scalar_t, kWide>(vp, ip, Ep, op, b0, b1, k, K);
+  } else {
+    fm_forward_rows_blocked<scalar_t, kWide / 2>(vp, ip, Ep, op, b0, b1, k, K);
   }
 }
 
@@ -79,62 +114,35 @@ DUALENC_SIMD void fm_backward_rows(const scalar_t* gp, const scalar_t* vp, const
   }
 }
 
-// dE[i] = sum over the pairs of feature i of v * g[b] * (S[b] - v * E[i]),
-// C columns at a time: the C sums of a column block stay in registers while
-// the feature's pairs go by (each sum adds its terms in pair order). While a
-// feature is worked on, the first lines of the g and S rows of about as many
-// pairs ahead are asked for.
-template <typename scalar_t, typename acc_t, int64_t C>
-DUALENC_SIMD void fm_backward_features_blocked(const FeatureCsr& csr, const scalar_t* gp, const scalar_t* vp,
-                                               const scalar_t* Ep, const acc_t* S, scalar_t* dE, int64_t i0,
-                                               int64_t i1, int64_t K) {
-  const int64_t* __restrict__ rowptr = csr.rowptr.data();
-  const int64_t* __restrict__ pairs = csr.pairs.data();
-  const int32_t* __restrict__ rows = csr.rows.data();
-  const int64_t qend = rowptr[i1];
-  for (int64_t i = i0; i < i1; ++i) {
-    const int64_t q0 = rowptr[i], q1 = rowptr[i + 1];
-    const int64_t ahead = std::min(q1 + (q1 - q0) + 2, qend);
-    for (int64_t q = q1; q < ahead; ++q) {
-      __builtin_prefetch(gp + int64_t(rows[q]) * K);
-      __builtin_prefetch(S + int64_t(rows[q]) * K);
-    }
-    const scalar_t* __restrict__ e = Ep + i * K;
-    scalar_t* __restrict__ out = dE + i * K;
-    int64_t c0 = 0;
-    for (; c0 + C <= K; c0 += C) {
-      acc_t a[C] = {};
-      for (int64_t q = q0; q < q1; ++q) {
-        const acc_t vj = static_cast<acc_t>(vp[pairs[q]]);
-        const int64_t b = rows[q];
-        const scalar_t* __restrict__ gb = gp + b * K + c0;
-        const acc_t* __restrict__ s = S + b * K + c0;
-        for (int64_t c = 0; c < C; ++c) {
-          a[c] += vj * static_cast<acc_t>(gb[c]) * (s[c] - vj * static_cast<acc_t>(e[c0 + c]));
-        }
-      }
-      store<scalar_t, acc_t>(out + c0, a, C);
-    }
-    for (; c0 < K; ++c0) {
-      acc_t a = 0;
-      for (int64_t q = q0; q < q1; ++q) {
-        const acc_t vj = static_cast<acc_t>(vp[pairs[q]]);
-        const int64_t b = rows[q];
-        a += vj * static_cast<acc_t>(gp[b * K + c0]) * (S[b * K + c0] - vj * static_cast<acc_t>(e[c0]));
-      }
-      out[c0] = static_cast<scalar_t>(a);
-    }
-  }
-}
-
+// dE[i] = sum over the pairs of feature i of v * g[b] * (S[b] - v * E[i]). (A
+// register-blocked form of this loop, as the gathers use, measured 1.5-2x slower
+// at K = 128.)
 template <typename scalar_t, typename acc_t>
-void fm_backward_features(const FeatureCsr& csr, const scalar_t* gp, const scalar_t* vp, const scalar_t* Ep,
-                          const acc_t* S, scalar_t* dE, int64_t i0, int64_t i1, int64_t K) {
-  constexpr int64_t kWide = 512 / static_cast<int64_t>(sizeof(acc_t));
-  if (wide_vectors()) {
-    fm_backward_features_blocked<scalar_t, acc_t, kWide>(csr, gp, vp, Ep, S, dE, i0, i1, K);
-  } else {
-    fm_backward_features_blocked<scalar_t, acc_t, kWide / 2>(csr, gp, vp, Ep, S, dE, i0, i1, K);
+DUALENC_SIMD void fm_backward_features(const FeatureCsr& csr, const scalar_t* gp, const scalar_t* vp,
+                                       const scalar_t* Ep, const acc_t* S, scalar_t* dE, int64_t i0,
+                                       int64_t i1, int64_t K) {
+  std::vector<acc_t> buf(K);
+  acc_t* __restrict__ acc = buf.data();
+  const int64_t qend = csr.rowptr[i1];
+  for (int64_t i = i0; i < i1; ++i) {
+    for (int64_t c = 0; c < K; ++c) acc[c] = 0;
+    const scalar_t* __restrict__ e = Ep + i * K;
+    for (int64_t q = csr.rowptr[i]; q < csr.rowptr[i + 1]; ++q) {
+      if (q + kPrefetchDistance < qend) {  // the short g and S rows of a later pair, whole
+        const int64_t ahead = csr.rows[q + kPrefetchDistance];
+        prefetch_row(gp + ahead * K, K);
+        prefetch_row(S + ahead * K, K);
+      }
+      const int64_t p = csr.pairs[q];
+      const int64_t b = csr.rows[q];
+      const acc_t vj = static_cast<acc_t>(vp[p]);
+      const scalar_t* __restrict__ gb = gp + b * K;
+      const acc_t* __restrict__ s = S + b * K;
+      for (int64_t c = 0; c < K; ++c) {
+        acc[c] += vj * static_cast<acc_t>(gb[c]) * (s[c] - vj * static_cast<acc_t>(e[c]));
+      }
+    }
+    store<scalar_t, acc_t>(dE + i * K, acc, K);
   }
 }
 
