@@ -5,10 +5,11 @@ mutant, runs the emulated tests against it and asserts that every mutant is
 killed (some test fails). A harness that lets a planted bug through is itself
 the bug.
 
-Mutants (see MUTANTS below): each __syncthreads() removed in turn, the ballot
-rank of the top-k gather off by one, the warp reduction over half a warp, and
-one write past a shared buffer (built with AddressSanitizer, which must stop
-the run).
+Mutants (see find_mutants below): each __syncthreads() removed in turn, the
+top-k select's tie rule reversed (ties to the highest index), the warp
+reduction over half a warp, and two writes past a shared buffer (built with
+AddressSanitizer, which must stop the run): one past the select's histogram,
+one candidate past its shared pool.
 
 One build folder per sanitizer setting is reused: the kernels are copied into
 <build>/kernels/ops/cuda (DUALENC_EMU_KERNEL_ROOT), and only the mutated file
@@ -46,13 +47,9 @@ ASAN_TESTS = ["tests/test_emu.py", "tests/test_emu_ops.py", "-k",
 
 # Barriers whose removal changes nothing (equivalent mutants), by the statement
 # right before them, with the reason; listed, not run, not counted.
-EQUIVALENT = {
-    "remaining = s_remaining;": (
-        "the barrier closing a radix pass: s_prefix/s_remaining are next written by thread 0 only after the "
-        "next pass's first two barriers, which every thread reaches only after reading them, and hist is read "
-        "only between the second and third barriers of a pass"
-    ),
-}
+# (none at present: the top-k select has no barrier that the ones around it
+# make redundant)
+EQUIVALENT: dict[str, str] = {}
 
 
 @dataclass
@@ -82,14 +79,18 @@ def find_mutants() -> list[Mutant]:
             out.append(Mutant(f"{path.name}:{line_of(text, m.start())} __syncthreads removed", path.name,
                               m.start(), m.end(), ";", equivalent=EQUIVALENT.get(before, "")))
     topk = (KERNELS / "topk_encode_cuda.cu").read_text()
-    m = re.search(r"__popc\(ballot & \(\(1u << lane\) - 1u\)\)", topk)
-    assert m, "the ballot rank of the top-k gather was not found"
-    out.append(Mutant(f"topk_encode_cuda.cu:{line_of(topk, m.start())} ballot rank off by one", "topk_encode_cuda.cu",
-                      m.start(), m.end(), "__popc(ballot & ((2u << lane) - 1u))"))
+    m = re.search(r"return static_cast<unsigned int>\(F - 1 - i\);", topk)
+    assert m, "the index key of the top-k select was not found"
+    out.append(Mutant(f"topk_encode_cuda.cu:{line_of(topk, m.start())} ties to the highest index",
+                      "topk_encode_cuda.cu", m.start(), m.end(), "return static_cast<unsigned int>(i);"))
     m = re.search(r"hist\[b\] = 0;", topk)
     assert m, "the histogram reset of the top-k select was not found"
     out.append(Mutant(f"topk_encode_cuda.cu:{line_of(topk, m.start())} write one past a shared buffer (ASan)",
                       "topk_encode_cuda.cu", m.start(), m.end(), "hist[b + 1] = 0;", asan=True))
+    m = re.search(r"in_play <= cap\)", topk)
+    assert m, "the candidate pool's capacity test of the top-k select was not found"
+    out.append(Mutant(f"topk_encode_cuda.cu:{line_of(topk, m.start())} one candidate past the shared pool (ASan)",
+                      "topk_encode_cuda.cu", m.start(), m.end(), "in_play <= cap + 1u)", asan=True))
     prims = (KERNELS / "primitives.cuh").read_text()
     m = re.search(r"for \(int off = kWarp / 2;", prims)
     assert m, "the warp reduction was not found"

@@ -1,13 +1,17 @@
 """The top-k select on a real GPU at the sizes and special values the emulated
 tests (test_emu_ops.py) run on the CPU: F of 5000 and 50000, k in
 {1, 31, 32, 255, 256, 257, 1024, 2048, 2049, F}, tie-heavy rows, NaN, +-Inf,
--0.0, and a second encoder row block; against the reference. Skipped without
-a CUDA device (bench/gpu_check.sh runs them)."""
+-0.0, and a second encoder row block; the select kernel's paths (the k-th
+value's bucket just fitting the shared candidate pool or overflowing it,
+values apart only in low mantissa bits, subnormals, rows starting off a
+16-byte boundary); against the reference. Skipped without a CUDA device
+(bench/gpu_check.sh runs them)."""
 import pytest
 import torch
 
 import dualenc_fast.reference.functional as R
-from topk_cases import SPECIALS, exact_rows, special_bias, tie_heavy, topk_cases
+from topk_cases import (SPECIALS, crowded_bucket_row, exact_rows, low_bits_row, pool_capacity, special_bias,
+                        subnormal_row, tie_heavy, topk_cases)
 
 ops = pytest.importorskip("dualenc_fast.ops")
 pytestmark = pytest.mark.cuda
@@ -41,6 +45,50 @@ def test_topk_nan_inf_negzero(case):
         v, i = check(x, w, b, k)
         rv, ri = R.topk_encode(x, w, b, k)
         assert torch.equal(i.cpu(), ri)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16", "f16"])
+@pytest.mark.parametrize("k", [1, 100, 1024, 2048, 2049])
+def test_topk_select_crowded_bucket(k, dtype):
+    g = torch.Generator().manual_seed(k)
+    rows = [crowded_bucket_row(g, 50000, k, pool_capacity(k) + extra, distinct)
+            for extra in (0, 1) for distinct in (True, False)]
+    check(*exact_rows(torch.stack(rows), dtype), k)
+
+
+@pytest.mark.parametrize("k", [1, 37, 1024, 2048, 2049, 4999, 5000])
+def test_topk_select_low_mantissa_bits(k):
+    g = torch.Generator().manual_seed(k)
+    z = torch.stack([low_bits_row(g, 5000, 1024), low_bits_row(g, 5000, 1 << 14)])
+    check(*exact_rows(z, torch.float32), k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_topk_select_subnormals(dtype):
+    g = torch.Generator().manual_seed(14)
+    z = torch.stack([subnormal_row(g, 3000) for _ in range(3)])
+    r0 = z[0].to(dtype).double()
+    n_pos, n_normal = int((r0 > 0).sum()), int((r0 >= 2.0 ** -126).sum())
+    for k in sorted({1, max(1, n_normal), n_normal + 1, max(1, n_pos), n_pos + 1, 3000}):
+        check(*exact_rows(z, dtype), k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16", "f16"])
+@pytest.mark.parametrize("F", [3, 7, 1001, 49999])
+def test_topk_select_rows_off_16_byte_boundaries(F, dtype):
+    """Odd F: the rows of z start at every offset from a 16-byte boundary
+    the dtype allows; the 16-byte reads must not fault or skip elements."""
+    g = torch.Generator().manual_seed(F)
+    z = torch.cat([tie_heavy(g, 4, F), torch.randn(4, F, generator=g, dtype=torch.float64)])
+    for k in sorted({1, 2, max(1, F // 2), F - 1, F} | ({1024} if F > 1024 else set())):
+        check(*exact_rows(z, dtype), k)
+
+
+def test_topk_negative_zero_is_zero():
+    """-0.0 ranks with the zeros, below every positive value (review N9)."""
+    b = torch.tensor([-0.0, 0.5, 0.3])
+    _, i = check(torch.zeros(1, 1), torch.zeros(3, 1), b, 2)
+    assert i.tolist() == [[1, 2]]
 
 
 def test_topk_second_gemm_row_block():

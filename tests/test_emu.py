@@ -1,6 +1,7 @@
 """The CUDA emulator itself (csrc/emu): a kernel using every emulated
-primitive against hand-computed results, and kernels that misuse barriers and
-warp intrinsics, which must raise (naming kernel, block and thread), never
+primitive against hand-computed results, 16-byte vector loads, and kernels
+that misuse barriers, warp intrinsics and loads (a misaligned 16-byte load),
+which must raise (naming kernel, block and thread), never
 hang, under thread order and seeded schedules."""
 import os
 import subprocess
@@ -70,6 +71,13 @@ def test_every_primitive(seed):
     assert not bad, f"(thread, field, got, want) first mismatches: {bad[:10]}"
 
 
+@pytest.mark.parametrize("seed", SEEDS)
+def test_vector_loads(seed):
+    """uint4 loads through __ldg (the top-k select's 16-byte reads of z)."""
+    with emu.schedule(seed):
+        assert C.selftest("vector_load") == [16 * t + 6 for t in range(64)]
+
+
 def test_missing_syncthreads_is_caught_under_seeds():
     right = [(t + 32) % 64 + 1 for t in range(64)]
     with emu.schedule(0):
@@ -92,6 +100,7 @@ ERRORS = {
     "shfl_outside_mask": r"reads lane 16 .*not named in the mask",
     "trap": r"thread \(7,0,0\) called __trap",
     "bad_block": r"invalid configuration argument: block \(2048,1,1\)",
+    "misaligned_load": r"thread \(9,0,0\): misaligned load: __ldg of a 16-byte value .*not a multiple of 16",
 }
 
 

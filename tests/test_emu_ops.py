@@ -20,7 +20,8 @@ import torch
 import dualenc_fast.reference.functional as R
 from conftest import OP_SHAPES
 from emu_util import SEEDS, require_emu
-from topk_cases import SPECIALS, exact_rows, special_bias, tie_heavy, topk_cases
+from topk_cases import (SPECIALS, crowded_bucket_row, exact_rows, low_bits_row, pool_capacity, special_bias,
+                        subnormal_row, tie_heavy, topk_cases)
 
 from dualenc_fast import emu
 
@@ -190,6 +191,60 @@ def test_topk_select_ties_16bit(dtype, seed):
     g = torch.Generator().manual_seed(9)
     z = tie_heavy(g, 4, 700)
     for k in (1, 33, 256, 699, 700):
+        check_topk(*exact_rows(z, dtype), k)
+
+
+# The select's paths (csrc/ops/cuda/topk_encode_cuda.cu, top comment): the
+# candidates of the k-th value's first-digit bucket staged in shared memory
+# (a pool of pool_capacity(k)), more digit passes over z when they do not fit,
+# the index digits for ties, the zeros' bucket; 16-byte reads from rows that
+# start anywhere.
+@pytest.mark.parametrize("k", [1, 100, 2048, 2049])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_topk_select_crowded_bucket(k, dtype, seed):
+    """The bucket of the k-th value holds exactly as many values as the pool
+    takes (staged after one read), or one more (digit passes over z first):
+    distinct values (float32; 16-bit rounding makes ties of them), and ties
+    (every one 1.0: decided by index digits, over z when they overflow)."""
+    g = torch.Generator().manual_seed(k)
+    rows = [crowded_bucket_row(g, 10000, k, pool_capacity(k) + extra, distinct)
+            for extra in (0, 1) for distinct in (True, False)]
+    check_topk(*exact_rows(torch.stack(rows), dtype), k)
+
+
+@pytest.mark.parametrize("k", [1, 37, 2048, 2049, 4999, 5000])
+def test_topk_select_low_mantissa_bits(k, seed):
+    """Values in one first-digit bucket that differ only in the low 10 or 14
+    mantissa bits: two or three digit passes over z before the candidates
+    fit the pool."""
+    g = torch.Generator().manual_seed(k)
+    z = torch.stack([low_bits_row(g, 5000, 1024), low_bits_row(g, 5000, 1 << 14)])
+    check_topk(*exact_rows(z, torch.float32), k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_topk_select_subnormals(dtype, seed):
+    """Subnormals (float32 and bfloat16; float16 rounds them to 0) next to the
+    zeros: k at the normal/subnormal and positive/zero boundaries."""
+    g = torch.Generator().manual_seed(14)
+    z = torch.stack([subnormal_row(g, 3000) for _ in range(3)])
+    r0 = z[0].to(dtype).double()
+    n_pos = int((r0 > 0).sum())
+    n_normal = int((r0 >= 2.0 ** -126).sum())
+    for k in sorted({1, max(1, n_normal), n_normal + 1, max(1, n_pos), n_pos + 1, 3000}):
+        check_topk(*exact_rows(z, dtype), k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("F", [3, 7, 9, 1001, 4999])
+def test_topk_select_rows_off_16_byte_boundaries(F, dtype, seed):
+    """Odd F: the 8 rows of z start at every 2-byte (16-bit) or 4-byte
+    (float32) offset from a 16-byte boundary, so each row's 16-byte reads
+    follow a head of up to 7 single elements and end before a tail; F below
+    one vector (3, 7) is all head."""
+    g = torch.Generator().manual_seed(F)
+    z = torch.cat([tie_heavy(g, 4, F), torch.randn(4, F, generator=g, dtype=torch.float64)])
+    for k in sorted({1, 2, max(1, F // 2), F - 1, F}):
         check_topk(*exact_rows(z, dtype), k)
 
 

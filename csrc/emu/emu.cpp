@@ -553,6 +553,15 @@ void trap(const char* file, int line) {
   fail(*g_run, f, "emu: " + where(*g_run, f) + " called __trap at " + short_file(file) + ":" + std::to_string(line));
 }
 
+void misaligned_load(const void* p, size_t size, size_t align, const char* file, int line) {
+  Fiber& f = current("__ldg");
+  std::ostringstream o;
+  o << "emu: " << where(*g_run, f) << ": misaligned load: __ldg of a " << size << "-byte value from address " << p
+    << " (" << short_file(file) << ":" << line << "), not a multiple of " << align
+    << ": a misaligned load faults on the GPU";
+  fail(*g_run, f, o.str());
+}
+
 void* dynamic_shared() {
   current("extern __shared__");
   return g_run->dyn.empty() ? nullptr : g_run->dyn.data();

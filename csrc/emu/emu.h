@@ -17,6 +17,7 @@
 // - with a schedule seed (EMU_SEED=n, or emu.set_schedule_seed(n)) the
 //   runnable fibers are picked at random at every synchronisation point and
 //   the blocks run in a random order; seed 0 is thread order;
+// - __ldg checks the alignment of what it loads (a misaligned load raises);
 // - __shared__ variables are per-block storage filled with 0xff bytes (NaN
 //   floats, -1 integers) at the start of every block, as is the dynamic
 //   shared buffer;
@@ -63,6 +64,11 @@ struct dim3 {
   unsigned int x, y, z;
   constexpr dim3(unsigned int vx = 1, unsigned int vy = 1, unsigned int vz = 1) : x(vx), y(vy), z(vz) {}
 };
+// CUDA's vector type for 16-byte loads, with CUDA's alignment (a uint4 load
+// is one 16-byte load and needs a 16-byte aligned address).
+struct alignas(16) uint4 {
+  unsigned int x, y, z, w;
+};
 typedef struct CUstream_st* cudaStream_t;
 constexpr int warpSize = 32;
 
@@ -87,6 +93,7 @@ uint64_t warp_op(WarpOp op, unsigned mask, uint64_t value, unsigned value_size, 
 unsigned active_mask();
 unsigned lane_id();
 [[noreturn]] void trap(const char* file, int line);
+[[noreturn]] void misaligned_load(const void* p, size_t size, size_t align, const char* file, int line);
 void* dynamic_shared();
 
 using Body = void (*)(void*);
@@ -239,8 +246,16 @@ inline unsigned __brev(unsigned x) {
   return r;
 }
 inline unsigned __lane_id_emu() { return ::emu::detail::lane_id(); }
+// A load through the read-only cache; checked for T's alignment, as the GPU
+// faults on a misaligned load (e.g. a uint4 from an address that is not a
+// multiple of 16): here it raises, naming kernel, block and thread.
 template <typename T>
-T __ldg(const T* p) { return *p; }
+T __ldg(const T* p, std::source_location loc = std::source_location::current()) {
+  if (reinterpret_cast<std::uintptr_t>(p) % alignof(T) != 0) {
+    ::emu::detail::misaligned_load(p, sizeof(T), alignof(T), loc.file_name(), static_cast<int>(loc.line()));
+  }
+  return *p;
+}
 
 inline unsigned __float_as_uint(float f) { return std::bit_cast<unsigned>(f); }
 inline int __float_as_int(float f) { return std::bit_cast<int>(f); }

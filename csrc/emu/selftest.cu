@@ -1,7 +1,8 @@
 // Self-test kernels of the CUDA emulator (csrc/emu/emu.h), compiled only into
 // the emulated module: one kernel using every emulated primitive, one with a
-// missing __syncthreads that only a seeded schedule exposes, and kernels that
-// misuse barriers and warp intrinsics, each of which must raise (never hang).
+// missing __syncthreads that only a seeded schedule exposes, 16-byte loads, and
+// kernels that misuse barriers, warp intrinsics and loads, each of which must
+// raise (never hang).
 // Driven from tests/test_emu.py through dualenc_fast._C_emu.selftest(name).
 #include <cstdint>
 #include <stdexcept>
@@ -137,6 +138,20 @@ __global__ void trap_kernel(int* out) {
   out[threadIdx.x] = 1;
 }
 
+// 16-byte loads through __ldg: thread t sums the uint4 at in + 4t.
+__global__ void vector_load_kernel(const unsigned int* in, int* out) {
+  const uint4 v = __ldg(reinterpret_cast<const uint4*>(in) + threadIdx.x);
+  out[threadIdx.x] = static_cast<int>(v.x + v.y + v.z + v.w);
+}
+
+// Thread 9 loads a uint4 from 4 bytes past a 16-byte boundary: a fault on the
+// GPU, an error here.
+__global__ void misaligned_load_kernel(const unsigned int* in, int* out) {
+  const unsigned int* p = in + 4 * threadIdx.x + (threadIdx.x == 9 ? 1 : 0);
+  const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+  out[threadIdx.x] = static_cast<int>(v.x);
+}
+
 // Runs self-test `name`; returns the kernel's output (primitives: kFields per
 // thread, then the global counter).
 std::vector<int64_t> run(const std::string& name) {
@@ -151,7 +166,13 @@ std::vector<int64_t> run(const std::string& name) {
     return r;
   }
   std::vector<int> out(64, 0);
-  if (name == "missing_sync") {
+  alignas(16) static unsigned int words[64 * 4 + 4];
+  for (unsigned int i = 0; i < 64 * 4 + 4; ++i) words[i] = i;
+  if (name == "vector_load") {
+    DUALENC_LAUNCH(vector_load_kernel, 1, 64, 0, 0)(words, out.data());
+  } else if (name == "misaligned_load") {
+    DUALENC_LAUNCH(misaligned_load_kernel, 1, 64, 0, 0)(words, out.data());
+  } else if (name == "missing_sync") {
     DUALENC_LAUNCH(missing_sync_kernel, 1, 64, 64 * sizeof(int), 0)(out.data());
   } else if (name == "divergent_barrier") {
     DUALENC_LAUNCH(divergent_barrier_kernel, 1, 64, 0, 0)(out.data());
