@@ -73,20 +73,42 @@ void fm_forward_rows(const scalar_t* vp, const int64_t* ip, const scalar_t* Ep, 
   }
 }
 
-// Per row: s = sum_j v_j E[i_j] into S, then dv_j = <g, E[i_j] * (s - v_j E[i_j])>.
-template <typename scalar_t, typename acc_t>
-DUALENC_SIMD void fm_backward_rows(const scalar_t* gp, const scalar_t* vp, const int64_t* ip,
+// Per row: s = sum_j v_j E[i_j] into S (C columns at a time, the sums in
+// registers as in the forward), then dv_j = <g, E[i_j] * (s - v_j E[i_j])>.
+template <typename scalar_t, typename acc_t, int64_t C>
+DUALENC_SIMD void fm_backward_rows_blocked(const scalar_t* gp, const scalar_t* vp, const int64_t* ip,
                                    const scalar_t* Ep, acc_t* S, scalar_t* dv, int64_t b0, int64_t b1,
                                    int64_t k, int64_t K) {
   std::vector<acc_t> gbuf(K);
   acc_t* __restrict__ gb = gbuf.data();
+  constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(scalar_t));
   for (int64_t b = b0; b < b1; ++b) {
     acc_t* __restrict__ s = S + b * K;
-    for (int64_t c = 0; c < K; ++c) s[c] = 0;
-    for (int64_t j = 0; j < k; ++j) {
-      const int64_t ahead = b * k + j + kPrefetchDistance;
-      if (ahead < b1 * k) prefetch_row(Ep + ip[ahead] * K, K);
-      axpy<scalar_t, acc_t>(s, static_cast<acc_t>(vp[b * k + j]), Ep + ip[b * k + j] * K, K);
+    const int64_t* __restrict__ ib = ip + b * k;
+    const scalar_t* __restrict__ vb = vp + b * k;
+    if (b + 1 < b1) {  // the first line of each embedding row of the next row
+      for (int64_t j = 0; j < k; ++j) __builtin_prefetch(Ep + ib[k + j] * K);
+    }
+    // s in column blocks of C sums held in registers (code order, as a plain loop)
+    int64_t c0 = 0;
+    for (; c0 + C <= K; c0 += C) {
+      acc_t a[C] = {};
+      const bool more = c0 + C < K;
+      for (int64_t j = 0; j < k; ++j) {
+        const acc_t vj = static_cast<acc_t>(vb[j]);
+        const scalar_t* __restrict__ e = Ep + ib[j] * K + c0;
+        if (more) {
+          __builtin_prefetch(e + C);
+          __builtin_prefetch(e + C + kLine);
+        }
+        for (int64_t c = 0; c < C; ++c) a[c] += vj * static_cast<acc_t>(e[c]);
+      }
+      for (int64_t c = 0; c < C; ++c) s[c0 + c] = a[c];
+    }
+    for (; c0 < K; ++c0) {
+      acc_t a = 0;
+      for (int64_t j = 0; j < k; ++j) a += static_cast<acc_t>(vb[j]) * static_cast<acc_t>(Ep[ib[j] * K + c0]);
+      s[c0] = a;
     }
     if (!dv) continue;
     for (int64_t c = 0; c < K; ++c) gb[c] = static_cast<acc_t>(gp[b * K + c]);
@@ -111,6 +133,17 @@ DUALENC_SIMD void fm_backward_rows(const scalar_t* gp, const scalar_t* vp, const
       for (int l = 0; l < L; ++l) acc += part[l];
       dv[b * k + j] = static_cast<scalar_t>(acc);
     }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void fm_backward_rows(const scalar_t* gp, const scalar_t* vp, const int64_t* ip, const scalar_t* Ep, acc_t* S,
+                      scalar_t* dv, int64_t b0, int64_t b1, int64_t k, int64_t K) {
+  constexpr int64_t kWide = 512 / static_cast<int64_t>(sizeof(acc_t));
+  if (wide_vectors()) {
+    fm_backward_rows_blocked<scalar_t, acc_t, kWide>(gp, vp, ip, Ep, S, dv, b0, b1, k, K);
+  } else {
+    fm_backward_rows_blocked<scalar_t, acc_t, kWide / 2>(gp, vp, ip, Ep, S, dv, b0, b1, k, K);
   }
 }
 
