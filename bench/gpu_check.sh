@@ -125,9 +125,9 @@ fi
 if want ncu; then
   ncu_bin=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
   if [ -x "$ncu_bin" ]; then
-    log "ncu: SpeedOfLight of scatter_rows / reduce_partials / topk_select"
+    log "ncu: SpeedOfLight of feature_rows (scatter_rows, dot_scatter_rows) / reduce_partials / topk_select"
     run ncu 150 "$ncu_bin" --section SpeedOfLight --launch-count 12 \
-      --kernel-name "regex:scatter_rows_kernel|reduce_partials_kernel|topk_select_kernel" \
+      --kernel-name "regex:feature_rows_kernel|reduce_partials_kernel|topk_select_kernel" \
       "$PY" -m pytest tests/test_cuda_large.py -q -p no:cacheprovider -k "heavy_feature or (large and f32 and 50000)"
   else
     log "ncu: not found"

@@ -126,3 +126,42 @@ def test_transposed_heavy_feature_at_scale(dtype):
         0, idx.reshape(-1), dev[0].double().cpu().reshape(-1, 1) * dev[2].double().cpu().repeat_interleave(k, 0))
     tol = dict(atol=1e-3, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.5, rtol=2e-2)
     torch.testing.assert_close(runs[0].double().cpu(), ref, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("d", [3200, 3203], ids=["d3200", "d3203"])
+def test_decode_backward_one_pass_at_scale(dtype, d):
+    """dvalues and dweight of sparse_decode from one feature-major pass
+    (dot_scatter_rows) at P's batch and width (d = 3200: 16-byte loads; 3203:
+    plain loads), with heavy features: against float64, each gradient alone
+    bit for bit the same as with the other, and bitwise equal run to run; a
+    weight starting off a 16-byte boundary takes the plain loads."""
+    g = torch.Generator().manual_seed(6)
+    B, F, k = 4096, 2000, 8
+    idx = torch.stack([torch.randperm(F - 2, generator=g)[:k] + 2 for _ in range(B)])
+    idx[:, 0] = 0
+    idx[::2, 1] = 1
+    v = torch.randn(B, k, generator=g)
+    w, up = torch.randn(F, d, generator=g), torch.randn(B, d, generator=g)
+    v, w, up = (t.to("cuda", dtype) for t in (v, w, up))
+    ic = idx.cuda()
+    op = torch.ops.dualenc_fast.sparse_decode_backward
+    with ops.sparse_strategy_scope("gather"):
+        gv, gw = op(up, v, ic, w, True, True, True)
+        gv2, gw2 = op(up, v, ic, w, True, True, True)
+        gv1, _ = op(up, v, ic, w, True, False, True)
+        _, gw1 = op(up, v, ic, w, False, True, True)
+        buf = torch.empty(F * d + 1, device="cuda", dtype=dtype)
+        w_off = buf[1:].view(F, d)
+        w_off.copy_(w)
+        gv3, gw3 = op(up, v, ic, w_off, True, True, True)
+    assert torch.equal(gv, gv2) and torch.equal(gw, gw2)
+    assert torch.equal(gv1, gv) and torch.equal(gw1, gw)
+    assert torch.equal(gw3, gw)
+    rv = (up.double()[:, None, :] * w.double()[ic]).sum(-1)
+    rw = torch.zeros(F, d, dtype=torch.float64, device="cuda").index_add_(
+        0, ic.reshape(-1), v.double().reshape(-1, 1) * up.double().repeat_interleave(k, 0))
+    tol = dict(atol=1e-3, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.5, rtol=2e-2)
+    torch.testing.assert_close(gv.double(), rv, **tol)
+    torch.testing.assert_close(gv3.double(), rv, **tol)
+    torch.testing.assert_close(gw.double(), rw, **tol)

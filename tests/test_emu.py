@@ -99,6 +99,7 @@ ERRORS = {
     "mask_without_self": r"does not name its own lane",
     "shfl_outside_mask": r"reads lane 16 .*not named in the mask",
     "trap": r"thread \(7,0,0\) called __trap",
+    "misaligned": r"thread \(5,0,0\) made a misaligned 16-byte access to 0x[0-9a-f]+ at \S*selftest\.cu:\d+",
     "bad_block": r"invalid configuration argument: block \(2048,1,1\)",
     "misaligned_load": r"thread \(9,0,0\): misaligned load: __ldg of a 16-byte value .*not a multiple of 16",
 }

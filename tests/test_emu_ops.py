@@ -2,9 +2,10 @@
 (dualenc_fast._C_emu, ops under torch.ops.dualenc_fast_emu), against the
 pure-PyTorch reference: forward and every gradient (the backward ops are
 called directly), float32, bfloat16 and float16, gather and dense forms, in
-thread order and under seeded schedules; the top-k select at sizes no CUDA
-test reached (F of 5000 and 50000, k up to F), tie-heavy rows, NaN, +-Inf and
--0.0, and a second encoder row block.
+thread order and under seeded schedules; the feature-major dvalues and
+dweight (vector and plain loads, several work items, warps and passes); the
+top-k select at sizes no CUDA test reached (F of 5000 and 50000, k up to F),
+tie-heavy rows, NaN, +-Inf and -0.0, and a second encoder row block.
 
 16-bit notes: the emulated host code does its GEMMs on the CPU (not cuBLAS),
 so 16-bit results are compared with tolerances against the float32 reference
@@ -390,6 +391,125 @@ def test_transposed_bitwise_deterministic():
     for other in runs[1:]:
         for a, b in zip(runs[0], other):
             assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------- feature-major dv and dW
+# sparse_decode's backward in the gather form: dvalues (alone or with dW) come
+# from one feature-major pass (dot_scatter_rows), dW alone from scatter_rows;
+# both read rows 16 bytes at a time when d and the base pointers allow it
+# (float32: d % 4 == 0, 16-bit: d % 8 == 0) and one element at a time
+# otherwise. The shapes: a feature per ~280 pairs (two work items), a width
+# whose dot spans two warps (d = 1000), and one that needs two passes over the
+# row (d = 4100: more columns than a block of 256 threads covers at once).
+FEATURE_MAJOR = [  # (B, d, F, k)
+    (700, 300, 20, 8),
+    (700, 1, 20, 8),
+    (700, 33, 20, 8),
+    (600, 1000, 8, 4),
+    (40, 4100, 5, 3),
+]
+
+
+def decode_grads(up, v, idx, w):
+    """(dv with dW, dW with dv, dv alone, dW alone) in the gather form."""
+    with emu.strategy_scope("gather"):
+        gv, gw = E.sparse_decode_backward(up, v, idx, w, True, True, True)
+        gv1, e1 = E.sparse_decode_backward(up, v, idx, w, True, False, True)
+        e2, gw1 = E.sparse_decode_backward(up, v, idx, w, False, True, True)
+    assert e1.numel() == 0 and e2.numel() == 0
+    return gv, gw, gv1, gw1
+
+
+def feature_major_case(B, d, F, k, dtype):
+    """((v, w, up), idx): a heavy code (features 0 and 1 span several work
+    items), a third of the rows with negative values."""
+    g = torch.Generator().manual_seed(B * 7 + d + F)
+    v, idx = heavy_code(g, B, k, F)
+    v[::3] = -v[::3]
+    w, up = rnd(g, F, d), rnd(g, B, d)
+    return tuple(t.to(dtype) for t in (v, w, up)), idx
+
+
+@pytest.mark.parametrize("shape", FEATURE_MAJOR, ids=[f"B{b}_d{d}_F{f}_k{k}" for b, d, f, k in FEATURE_MAJOR])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_feature_major_decode_backward(shape, dtype, seed):
+    B, d, F, k = shape
+    (v, w, up), idx = feature_major_case(B, d, F, k, dtype)
+    gv, gw, gv1, gw1 = decode_grads(up, v, idx, w)
+    _, (rv, rw) = ref_grads(lambda v_, w_: R.sparse_decode(v_, idx, w_), [v, w], up)
+    close(gv, rv, dtype, scale=math.sqrt(d))
+    close(gw, rw, dtype, scale=math.sqrt(B))
+    # each gradient alone is the very same as with the other
+    assert torch.equal(gv1, gv) and torch.equal(gw1, gw)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_feature_major_encoder_weight_grad(dtype, seed):
+    """scatter_rows with the column sum (topk_encode's dW and db) at the
+    feature-major shapes."""
+    for B, d, F, k in FEATURE_MAJOR:
+        g = torch.Generator().manual_seed(B + d)
+        v, idx = heavy_code(g, B, k, F)
+        x, w, up = rnd(g, B, d), rnd(g, F, d), rnd(g, B, k)
+        v, x, w, up = (t.to(dtype) for t in (v, x, w, up))
+        with emu.strategy_scope("gather"):
+            _, gw, gb = E.topk_encode_backward(up, v, idx, x, w, None, False, True, True)
+        flat, up_flat = idx.reshape(-1), up.double().reshape(-1)
+        rows = x.double().repeat_interleave(k, 0)
+        rw = torch.zeros(F, d, dtype=torch.float64).index_add_(0, flat, up_flat[:, None] * rows)
+        rb = torch.zeros(F, dtype=torch.float64).index_add_(0, flat, up_flat)
+        close(gw, rw, dtype, scale=math.sqrt(B))
+        close(gb, rb, dtype, scale=math.sqrt(B))
+
+
+def test_feature_major_bitwise_across_schedules():
+    """The same bits under every schedule and on a second run: each column and
+    each dot is summed in a fixed order, partial rows in item order."""
+    for B, d, F, k in [(700, 300, 20, 8), (600, 1000, 8, 4), (40, 4100, 5, 3)]:
+        for dtype in (torch.float32, torch.bfloat16):
+            (v, w, up), idx = feature_major_case(B, d, F, k, dtype)
+            runs = []
+            for s in (0, 1, 2, 3, 0):
+                with emu.schedule(s):
+                    runs.append(decode_grads(up, v, idx, w))
+            for other in runs[1:]:
+                for a, b in zip(runs[0], other):
+                    assert torch.equal(a, b)
+
+
+def offset_view(t, elems):
+    """t's values in a fresh buffer, starting `elems` elements past its start
+    (a contiguous tensor with a storage offset, as a narrow of a larger one)."""
+    buf = torch.empty(t.numel() + elems, dtype=t.dtype)
+    out = buf[elems:].view(t.shape)
+    out.copy_(t)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_feature_major_unaligned_rows(dtype, seed):
+    """Rows of a width that allows 16-byte loads, with the weight or the
+    upstream gradient starting off a 16-byte boundary (a narrow of a larger
+    tensor, which the op takes as it is): the kernels take the plain loads (the
+    emulator raises on a misaligned vector access) and give the same bits as
+    the aligned inputs; an offset of whole vectors keeps the vector loads."""
+    B, d, F, k = 300, 64, 6, 4
+    (v, w, up), idx = feature_major_case(B, d, F, k, dtype)
+    want = decode_grads(up, v, idx, w)
+    vec = 16 // w.element_size()
+    for ow, og in [(1, 0), (0, 1), (vec // 2, vec // 2), (vec, 2 * vec)]:
+        w2, up2 = offset_view(w, ow), offset_view(up, og)
+        assert w2.is_contiguous() and up2.is_contiguous()
+        got = decode_grads(up2, v, idx, w2)
+        with emu.strategy_scope("gather"):
+            _, ew = E.topk_encode_backward(up2[:, :k].contiguous(), v, idx, up2, w2, None, False, True, True)[:2]
+            _, ew0 = E.topk_encode_backward(up[:, :k].contiguous(), v, idx, up, w, None, False, True, True)[:2]
+        assert torch.equal(ew, ew0)
+        # dW sums each column over the pairs in the same order whatever the
+        # loads; dv's dot adds the columns in another order with plain loads
+        assert torch.equal(got[1], want[1]) and torch.equal(got[3], want[3])
+        close(got[0], want[0], dtype, scale=math.sqrt(d))
+        assert torch.equal(got[0], got[2])
 
 
 # --------------------------------------------------------------------------- integration_mlp

@@ -857,6 +857,13 @@ def test_cuda_grid_sizes_are_checked():
         for m in re.finditer(r"<<<|DUALENC_LAUNCH\(", text):
             grid = text[m.end():].lstrip()
             if m.group(0) != "<<<":
+                if grid.startswith("("):  # a kernel name in parentheses: (kernel<a, b>)
+                    depth = 0
+                    for i, ch in enumerate(grid):
+                        depth += {"(": 1, ")": -1}.get(ch, 0)
+                        if depth == 0:
+                            grid = grid[i + 1:].lstrip()
+                            break
                 grid = grid.split(",", 1)[1].lstrip()  # DUALENC_LAUNCH(kernel, grid, ...)
             if grid.startswith("grid, block"):
                 continue  # the macro's own definition

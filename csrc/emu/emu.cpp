@@ -562,6 +562,14 @@ void misaligned_load(const void* p, size_t size, size_t align, const char* file,
   fail(*g_run, f, o.str());
 }
 
+void misaligned(const void* p, unsigned bytes, const char* file, int line) {
+  Fiber& f = current("a vector access");
+  std::ostringstream o;
+  o << "emu: " << where(*g_run, f) << " made a misaligned " << bytes << "-byte access to " << p << " at "
+    << short_file(file) << ":" << line << " (the GPU stops with 'misaligned address')";
+  fail(*g_run, f, o.str());
+}
+
 void* dynamic_shared() {
   current("extern __shared__");
   return g_run->dyn.empty() ? nullptr : g_run->dyn.data();

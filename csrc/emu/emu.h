@@ -21,6 +21,8 @@
 // - __shared__ variables are per-block storage filled with 0xff bytes (NaN
 //   floats, -1 integers) at the start of every block, as is the dynamic
 //   shared buffer;
+// - vector accesses declared with DUALENC_CHECK_ALIGNED must be aligned to
+//   their size, as on the GPU;
 // - errors are c10::Error (RuntimeError in Python) naming the kernel, the
 //   block and the thread.
 #pragma once
@@ -94,6 +96,7 @@ unsigned active_mask();
 unsigned lane_id();
 [[noreturn]] void trap(const char* file, int line);
 [[noreturn]] void misaligned_load(const void* p, size_t size, size_t align, const char* file, int line);
+[[noreturn]] void misaligned(const void* p, unsigned bytes, const char* file, int line);
 void* dynamic_shared();
 
 using Body = void (*)(void*);
@@ -140,6 +143,18 @@ struct Launcher {
 template <typename... P, typename S>
 Launcher<P...> launch(const char* name, void (*fn)(P...), dim3 grid, dim3 block, size_t smem, const S&) {
   return Launcher<P...>{name, fn, grid, block, smem};
+}
+
+// A vector access (8 or 16 bytes at once) must be aligned to its size: on the
+// GPU a misaligned one stops the kernel (cudaErrorMisalignedAddress), which an
+// x86 CPU would not notice. Kernels state each vector access with
+// DUALENC_CHECK_ALIGNED (ops/cuda/launch.cuh); here it raises, naming the
+// kernel, block, thread and the access's source line.
+inline void check_aligned(const void* p, unsigned bytes,
+                          std::source_location loc = std::source_location::current()) {
+  if (reinterpret_cast<uintptr_t>(p) % bytes != 0) {
+    detail::misaligned(p, bytes, loc.file_name(), static_cast<int>(loc.line()));
+  }
 }
 
 // Python-settable schedule (emu/module.cpp): 0 = thread order.

@@ -152,6 +152,14 @@ __global__ void misaligned_load_kernel(const unsigned int* in, int* out) {
   out[threadIdx.x] = static_cast<int>(v.x);
 }
 
+// Thread 5 states a 16-byte access 4 bytes past a 16-byte boundary; the
+// others' accesses are aligned.
+__global__ void misaligned_kernel(int* out) {
+  const char* p = reinterpret_cast<const char*>(out) + (threadIdx.x == 5 ? 4 : 0);
+  DUALENC_CHECK_ALIGNED(p, 16);
+  out[threadIdx.x] = 1;
+}
+
 // Runs self-test `name`; returns the kernel's output (primitives: kFields per
 // thread, then the global counter).
 std::vector<int64_t> run(const std::string& name) {
@@ -194,6 +202,9 @@ std::vector<int64_t> run(const std::string& name) {
     DUALENC_LAUNCH(shared_overflow_kernel, 1, 64, 0, 0)(out.data());
   } else if (name == "trap") {
     DUALENC_LAUNCH(trap_kernel, 1, 64, 0, 0)(out.data());
+  } else if (name == "misaligned") {
+    alignas(16) static int buf[64];
+    DUALENC_LAUNCH(misaligned_kernel, 1, 64, 0, 0)(buf);
   } else if (name == "bad_block") {
     DUALENC_LAUNCH(missing_sync_kernel, 1, 2048, 64 * sizeof(int), 0)(out.data());
   } else {

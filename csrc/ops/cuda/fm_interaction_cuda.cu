@@ -72,7 +72,7 @@ __global__ void fm_backward_rows_kernel(const scalar_t* __restrict__ g,    // [B
 }
 
 // dE[i] = sum over the pairs of feature i of v * g[b] * (S[b] - v * E[i]):
-// block (work item of the CSR, column slice), as scatter_rows_kernel; a
+// block (work item of the CSR, column slice), as scatter_rows; a
 // feature with several items writes acc_t partial rows that
 // reduce_partials sums in item order (deterministic).
 template <typename scalar_t>

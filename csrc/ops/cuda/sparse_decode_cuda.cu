@@ -1,6 +1,13 @@
 // CUDA kernels of sparse_decode and its backward: the shared host code
 // (ops/sparse_impl.h) on the CUDA primitives (ops/cuda/primitives.cuh), under
-// a device guard, on the current stream.
+// a device guard, on the current stream. When the backward needs dvalues in
+// the gather form it makes one feature-major pass instead (dot_scatter_rows,
+// with dW too when wanted): each weight row is read once per work item, and
+// each pair's g row serves its dvalue and its dW term together, where row_dot
+// read a weight row per pair and scatter_rows the g rows again. dvalues alone
+// take the same kernel, so they are bit for bit those of the pass with dW.
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -26,8 +33,27 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward_cuda(
     const at::Tensor& weight,    // [F, d]
     bool need_values_grad, bool need_weight_grad, bool check_indices, int64_t sparse_form) {
   const c10::cuda::CUDAGuard guard(values.device());
-  return sparse_decode_backward_impl<Prims>(grad_out, values, indices, weight, need_values_grad,
-                                            need_weight_grad, check_indices, sparse_form);
+  check_sparse_decode_backward_args(grad_out, values, indices, weight, check_indices);
+  if (!need_values_grad || resolve_sparse_form(sparse_form, values, values.size(1), weight.size(0)) > 0) {
+    return sparse_decode_backward_impl<Prims>(grad_out, values, indices, weight, need_values_grad,
+                                              need_weight_grad, /*check_indices=*/false, sparse_form);
+  }
+  const auto g = grad_out.contiguous();
+  const auto v = values.contiguous();
+  const auto idx = indices.contiguous();
+  const auto W = weight.contiguous();
+  const int64_t B = v.size(0), k = v.size(1), F = W.size(0), d = W.size(1);
+  auto grad_values = at::empty({B, k}, v.options());
+  auto grad_weight = need_weight_grad ? at::empty({F, d}, W.options()) : at::empty({0}, W.options());
+  if (F == 0) return {grad_values, grad_weight};  // then there are no pairs (B * k == 0)
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "sparse_decode_backward_cuda", [&] {
+    const FeatureCsr csr(idx, F);
+    dot_scatter_rows<scalar_t>(csr, g.const_data_ptr<scalar_t>(),
+                               need_weight_grad ? v.const_data_ptr<scalar_t>() : nullptr,
+                               W.const_data_ptr<scalar_t>(), grad_values.mutable_data_ptr<scalar_t>(),
+                               need_weight_grad ? grad_weight.mutable_data_ptr<scalar_t>() : nullptr, d);
+  });
+  return {grad_values, grad_weight};
 }
 
 }  // namespace
