@@ -22,7 +22,6 @@ template <typename scalar_t, int64_t C>
 DUALENC_SIMD void fm_forward_rows_blocked(const scalar_t* vp, const int64_t* ip, const scalar_t* Ep, scalar_t* op,
                                           int64_t b0, int64_t b1, int64_t k, int64_t K) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(scalar_t));
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t* __restrict__ ib = ip + b * k;
     const scalar_t* __restrict__ vb = vp + b * k;
@@ -36,10 +35,7 @@ DUALENC_SIMD void fm_forward_rows_blocked(const scalar_t* vp, const int64_t* ip,
       for (int64_t j = 0; j < k; ++j) {
         const acc_t vj = static_cast<acc_t>(vb[j]);
         const scalar_t* __restrict__ e = Ep + ib[j] * K + c0;
-        if (more) {
-          __builtin_prefetch(e + C);
-          __builtin_prefetch(e + C + kLine);
-        }
+        if (more) prefetch_next_block<C>(e);
         for (int64_t c = 0; c < C; ++c) {
           const acc_t t = vj * static_cast<acc_t>(e[c]);
           s[c] += t;
@@ -65,12 +61,9 @@ void fm_forward_rows(const scalar_t* vp, const int64_t* ip, const scalar_t* Ep, 
                      int64_t b1, int64_t k, int64_t K) {
   // two sums per column: 256 bytes of each with 512-bit vectors, 128 otherwise
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int64_t kWide = 256 / static_cast<int64_t>(sizeof(acc_t));
-  if (wide_vectors()) {
-    fm_forward_rows_blocked<scalar_t, kWide>(vp, ip, Ep, op, b0, b1, k, K);
-  } else {
-    fm_forward_rows_blocked<scalar_t, kWide / 2>(vp, ip, Ep, op, b0, b1, k, K);
-  }
+  with_column_block<acc_t, 256>([&](auto C) {
+    fm_forward_rows_blocked<scalar_t, decltype(C)::value>(vp, ip, Ep, op, b0, b1, k, K);
+  });
 }
 
 // Per row: s = sum_j v_j E[i_j] into S (C columns at a time, the sums in
@@ -81,7 +74,6 @@ DUALENC_SIMD void fm_backward_rows_blocked(const scalar_t* gp, const scalar_t* v
                                    int64_t k, int64_t K) {
   std::vector<acc_t> gbuf(K);
   acc_t* __restrict__ gb = gbuf.data();
-  constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(scalar_t));
   for (int64_t b = b0; b < b1; ++b) {
     acc_t* __restrict__ s = S + b * K;
     const int64_t* __restrict__ ib = ip + b * k;
@@ -97,10 +89,7 @@ DUALENC_SIMD void fm_backward_rows_blocked(const scalar_t* gp, const scalar_t* v
       for (int64_t j = 0; j < k; ++j) {
         const acc_t vj = static_cast<acc_t>(vb[j]);
         const scalar_t* __restrict__ e = Ep + ib[j] * K + c0;
-        if (more) {
-          __builtin_prefetch(e + C);
-          __builtin_prefetch(e + C + kLine);
-        }
+        if (more) prefetch_next_block<C>(e);
         for (int64_t c = 0; c < C; ++c) a[c] += vj * static_cast<acc_t>(e[c]);
       }
       for (int64_t c = 0; c < C; ++c) s[c0 + c] = a[c];
@@ -139,12 +128,9 @@ DUALENC_SIMD void fm_backward_rows_blocked(const scalar_t* gp, const scalar_t* v
 template <typename scalar_t, typename acc_t>
 void fm_backward_rows(const scalar_t* gp, const scalar_t* vp, const int64_t* ip, const scalar_t* Ep, acc_t* S,
                       scalar_t* dv, int64_t b0, int64_t b1, int64_t k, int64_t K) {
-  constexpr int64_t kWide = 512 / static_cast<int64_t>(sizeof(acc_t));
-  if (wide_vectors()) {
-    fm_backward_rows_blocked<scalar_t, acc_t, kWide>(gp, vp, ip, Ep, S, dv, b0, b1, k, K);
-  } else {
-    fm_backward_rows_blocked<scalar_t, acc_t, kWide / 2>(gp, vp, ip, Ep, S, dv, b0, b1, k, K);
-  }
+  with_column_block<acc_t>([&](auto C) {
+    fm_backward_rows_blocked<scalar_t, acc_t, decltype(C)::value>(gp, vp, ip, Ep, S, dv, b0, b1, k, K);
+  });
 }
 
 // dE[i] = sum over the pairs of feature i of v * g[b] * (S[b] - v * E[i]). (A

@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <type_traits>
 #include <vector>
 
 namespace dualenc_fast::cpu {
@@ -87,6 +88,28 @@ inline bool wide_vectors() {
 #endif
 }
 
+// Calls fn(std::integral_constant<int64_t, C>{}) with C the number of acc_t
+// sums a register-blocked loop keeps per column block: `bytes` of them with
+// 512-bit vectors, half as many otherwise.
+template <typename acc_t, int64_t bytes = 512, typename Fn>
+inline void with_column_block(Fn&& fn) {
+  constexpr int64_t kWide = bytes / static_cast<int64_t>(sizeof(acc_t));
+  if (wide_vectors()) {
+    fn(std::integral_constant<int64_t, kWide>{});
+  } else {
+    fn(std::integral_constant<int64_t, kWide / 2>{});
+  }
+}
+
+// While one column block of a row is summed, ask for the next one (its first
+// two cache lines; the hardware prefetcher streams the rest).
+template <int64_t C, typename T>
+inline void prefetch_next_block(const T* block) {
+  constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(T));
+  __builtin_prefetch(block + C);
+  __builtin_prefetch(block + C + kLine);
+}
+
 // Rows [b0, b1) of gather_sum, C columns at a time: the C sums of a column
 // block stay in registers while the row's k weight rows go by (no accumulator
 // in memory), and each sum adds its terms in code order, as a plain loop would.
@@ -97,7 +120,6 @@ DUALENC_SIMD void gather_sum_rows_blocked(const scalar_t* coef, const int64_t* i
                                           const scalar_t* bias, scalar_t* out, int64_t b0, int64_t b1,
                                           int64_t k, int64_t d) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(scalar_t));
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t* __restrict__ ib = idx + b * k;
     const scalar_t* __restrict__ cb = coef + b * k;
@@ -112,10 +134,7 @@ DUALENC_SIMD void gather_sum_rows_blocked(const scalar_t* coef, const int64_t* i
       for (int64_t j = 0; j < k; ++j) {
         const acc_t v = static_cast<acc_t>(cb[j]);
         const scalar_t* __restrict__ w = W + ib[j] * d + c0;
-        if (more) {
-          __builtin_prefetch(w + C);
-          __builtin_prefetch(w + C + kLine);
-        }
+        if (more) prefetch_next_block<C>(w);
         for (int64_t c = 0; c < C; ++c) a[c] += v * static_cast<acc_t>(w[c]);
       }
       store<scalar_t, acc_t>(out + b * d + c0, a, C);
@@ -131,14 +150,10 @@ DUALENC_SIMD void gather_sum_rows_blocked(const scalar_t* coef, const int64_t* i
 template <typename scalar_t>
 void gather_sum_rows(const scalar_t* coef, const int64_t* idx, const scalar_t* W, const scalar_t* bias,
                      scalar_t* out, int64_t b0, int64_t b1, int64_t k, int64_t d) {
-  // 512 bytes of sums (8 512-bit registers) with 32 vector registers, else 256
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int64_t kWide = 512 / static_cast<int64_t>(sizeof(acc_t));
-  if (wide_vectors()) {
-    gather_sum_rows_blocked<scalar_t, kWide>(coef, idx, W, bias, out, b0, b1, k, d);
-  } else {
-    gather_sum_rows_blocked<scalar_t, kWide / 2>(coef, idx, W, bias, out, b0, b1, k, d);
-  }
+  with_column_block<acc_t>([&](auto C) {
+    gather_sum_rows_blocked<scalar_t, decltype(C)::value>(coef, idx, W, bias, out, b0, b1, k, d);
+  });
 }
 
 template <typename scalar_t>
@@ -218,7 +233,6 @@ template <typename scalar_t, int64_t C>
 DUALENC_SIMD void scatter_rows_range_blocked(const FeatureCsr& csr, const scalar_t* coef, const scalar_t* y,
                                              scalar_t* dW, scalar_t* dsum, int64_t i0, int64_t i1, int64_t d) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(scalar_t));
   const int64_t* __restrict__ rowptr = csr.rowptr.data();
   const int64_t* __restrict__ pairs = csr.pairs.data();
   const int32_t* __restrict__ rows = csr.rows.data();
@@ -235,10 +249,7 @@ DUALENC_SIMD void scatter_rows_range_blocked(const FeatureCsr& csr, const scalar
       for (int64_t q = q0; q < q1; ++q) {
         const acc_t v = static_cast<acc_t>(coef[pairs[q]]);
         const scalar_t* __restrict__ yr = y + int64_t(rows[q]) * d + c0;
-        if (more) {
-          __builtin_prefetch(yr + C);
-          __builtin_prefetch(yr + C + kLine);
-        }
+        if (more) prefetch_next_block<C>(yr);
         for (int64_t c = 0; c < C; ++c) a[c] += v * static_cast<acc_t>(yr[c]);
       }
       store<scalar_t, acc_t>(out + c0, a, C);
@@ -262,12 +273,9 @@ template <typename scalar_t>
 void scatter_rows_range(const FeatureCsr& csr, const scalar_t* coef, const scalar_t* y, scalar_t* dW,
                         scalar_t* dsum, int64_t i0, int64_t i1, int64_t d) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int64_t kWide = 512 / static_cast<int64_t>(sizeof(acc_t));
-  if (wide_vectors()) {
-    scatter_rows_range_blocked<scalar_t, kWide>(csr, coef, y, dW, dsum, i0, i1, d);
-  } else {
-    scatter_rows_range_blocked<scalar_t, kWide / 2>(csr, coef, y, dW, dsum, i0, i1, d);
-  }
+  with_column_block<acc_t>([&](auto C) {
+    scatter_rows_range_blocked<scalar_t, decltype(C)::value>(csr, coef, y, dW, dsum, i0, i1, d);
+  });
 }
 
 // dW[i] = sum_{p in csr[i]} coef[p] * y[p / k]; optionally dsum[i] = sum coef[p].
@@ -295,7 +303,6 @@ DUALENC_SIMD void dot_scatter_rows_range_blocked(const FeatureCsr& csr, const sc
                                                  int64_t i1, int64_t d) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int64_t L = 16;
-  constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(scalar_t));
   const int64_t* __restrict__ rowptr = csr.rowptr.data();
   const int64_t* __restrict__ pairs = csr.pairs.data();
   const int32_t* __restrict__ rows = csr.rows.data();
@@ -318,10 +325,7 @@ DUALENC_SIMD void dot_scatter_rows_range_blocked(const FeatureCsr& csr, const sc
       for (int64_t q = q0; q < q1; ++q) {
         const acc_t v = static_cast<acc_t>(coef[pairs[q]]);
         const scalar_t* __restrict__ gr = g + int64_t(rows[q]) * d + c0;
-        if (more) {
-          __builtin_prefetch(gr + C);
-          __builtin_prefetch(gr + C + kLine);
-        }
+        if (more) prefetch_next_block<C>(gr);
         acc_t* __restrict__ pp = part + (q - q0) * (L + 1);
         for (int64_t c = 0; c < C; ++c) a[c] += v * static_cast<acc_t>(gr[c]);
         for (int64_t c = 0; c < C; c += L) {
@@ -361,12 +365,9 @@ template <typename scalar_t>
 void dot_scatter_rows_range(const FeatureCsr& csr, const scalar_t* g, const scalar_t* coef, const scalar_t* W,
                             scalar_t* dv, scalar_t* dW, int64_t i0, int64_t i1, int64_t d) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int64_t kWide = 512 / static_cast<int64_t>(sizeof(acc_t));
-  if (wide_vectors()) {
-    dot_scatter_rows_range_blocked<scalar_t, kWide>(csr, g, coef, W, dv, dW, i0, i1, d);
-  } else {
-    dot_scatter_rows_range_blocked<scalar_t, kWide / 2>(csr, g, coef, W, dv, dW, i0, i1, d);
-  }
+  with_column_block<acc_t>([&](auto C) {
+    dot_scatter_rows_range_blocked<scalar_t, decltype(C)::value>(csr, g, coef, W, dv, dW, i0, i1, d);
+  });
 }
 
 // Feature-major backward of a gather-sum out[b] = sum_j coef[b,j] W[idx[b,j]]
