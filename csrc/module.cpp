@@ -9,6 +9,7 @@
 
 #include "buffer_cache.h"
 #include "checks.h"
+#include "csr_share.h"
 #include "ops/grid.h"
 #include "strategy.h"
 
@@ -101,6 +102,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_buffer_cache_limit", &dualenc_fast::set_buffer_cache_limit, py::arg("max_bytes"));
   m.def("buffer_cache_bytes", &dualenc_fast::buffer_cache_bytes, "Idle bytes in the CPU buffer cache now.");
   m.def("clear_buffer_cache", &dualenc_fast::clear_buffer_cache, "Free every idle block of the CPU buffer cache.");
+  m.def("set_share_csrs", &dualenc_fast::set_share_csrs, py::arg("on"),
+        "Whether the backward products of one code share one transpose of it (csr_share.h).");
+  m.def("share_csrs", &dualenc_fast::share_csrs);
+  m.def("clear_shared_csrs", &dualenc_fast::clear_shared_csrs, "Drop every kept transpose and mark.");
+  m.def("shared_csr_stats", &dualenc_fast::shared_csr_stats, py::arg("reset") = false,
+        "(transposes built, transposes reused) since the last reset.");
   m.def("set_sparse_strategy", &set_sparse_strategy, py::arg("mode"), py::arg("cpu_min_density"),
         py::arg("cuda_min_density"), py::arg("cuda_fp32_min_density"), py::arg("dense_block_bytes"));
   // Validated in Python (dualenc_fast.ops.set_encode_block_bytes).

@@ -35,7 +35,9 @@ __all__ = [
     "set_encode_block_bytes",
     "set_buffer_cache_limit",
     "set_index_checks",
+    "set_share_transposes",
     "set_sparse_strategy",
+    "share_transposes",
     "sparse_decode",
     "sparse_strategy",
     "sparse_strategy_scope",
@@ -205,8 +207,39 @@ def buffer_cache_bytes() -> int:
 
 
 def clear_buffer_cache() -> None:
-    """Free every idle block of the CPU buffer cache (the limit stays)."""
+    """Free every idle block of the CPU buffer cache (the limit stays) and drop
+    the transposes kept for sharing (:func:`set_share_transposes`)."""
     _ext._C.clear_buffer_cache()
+    _ext._C.clear_shared_csrs()
+
+
+def share_transposes() -> bool:
+    """Whether the backward products of one code share one transpose of it."""
+    return bool(_ext._C.share_csrs())
+
+
+def set_share_transposes(enabled: bool) -> None:
+    """The weight gradients of a sparse product walk the code's transpose
+    (pairs grouped by feature). In a joint step the decoder and the encoder
+    walk that of the same ``[B, k]`` code, the NFM-linear layer and the FM
+    pooling that of its first N columns. With sharing on (the default) the
+    transpose of a code that :func:`topk_encode` returned, or of a view of it,
+    is built once and reused by the later products of the same code, on every
+    device: two builds per step instead of four. A transpose is reused only for
+    the same storage, view, version counter (an in-place write gives a new
+    one), number of features and stream; codes built any other way are
+    transposed on every call. At most four transposes are kept; those of codes
+    that died are dropped at the next step. Off: every product builds its own
+    (the results are bitwise the same). Process-wide."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"dualenc_fast: argument 'enabled' must be a bool, got {enabled!r}")
+    _ext._C.set_share_csrs(enabled)
+
+
+def _shared_transpose_stats(reset: bool = False) -> Tuple[int, int]:
+    """(transposes built, transposes reused) since the last reset."""
+    built, reused = _ext._C.shared_csr_stats(reset)
+    return int(built), int(reused)
 
 
 def _empty_or(t: Tensor, shape, needed: bool) -> Tensor:

@@ -548,6 +548,48 @@ def test_topn_reselect(seed):
         assert torch.equal(v, rv) and torch.equal(i, ri)
 
 
+# --------------------------------------------------------------------------- shared transposes
+def _step_backward(E, x, w, b, wd, wl, emb, up_d, up_l, up_p, k, n):
+    """The backward products of a joint step, called as the autograd backward
+    calls them: the decoder and the encoder on the code, the NFM linear layer
+    and the FM pooling on its first n columns (a view)."""
+    v, idx = E.topk_encode(x, w, b, k, None)
+    gv_d, gw_d = E.sparse_decode_backward(up_d, v, idx, wd, True, True, False, 0)
+    vn, idn = v[:, :n], idx[:, :n]
+    gv_l, gw_l = E.sparse_decode_backward(up_l, vn, idn, wl, True, True, False, 0)
+    gv_f, ge = E.fm_interaction_backward(up_p, vn, idn, emb, True, True, False)
+    gv = gv_d.clone()
+    gv[:, :n] += gv_l + gv_f
+    gx, gw, gb = E.topk_encode_backward(gv, v, idx, x, w, None, True, True, False, 0)
+    return [gw_d, gw_l, ge, gx, gw, gb, gv]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_backward_products_share_one_transpose(dtype, seed):
+    """On the CUDA kernels too: one transpose of the code (decoder, encoder)
+    and one of its first n columns (NFM linear, FM) per step, the gradients
+    bitwise those with a transpose per product."""
+    C = emu.module()
+    g = torch.Generator().manual_seed(21)
+    B, d, F, k, n, K = 300, 40, 30, 7, 3, 12  # features with several work items
+    x, w, b = rnd(g, B, d), rnd(g, F, d), rnd(g, F)
+    wd, wl, emb = rnd(g, F, d), rnd(g, F, d), rnd(g, F, K)
+    up_d, up_l, up_p = rnd(g, B, d), rnd(g, B, d), rnd(g, B, K)
+    args = [t.to(dtype) for t in (x, w, b, wd, wl, emb, up_d, up_l, up_p)]
+    try:
+        C.set_share_csrs(False)
+        C.shared_csr_stats(True)
+        alone = _step_backward(E, *args, k, n)
+        assert C.shared_csr_stats(True) == (4, 0)
+        C.set_share_csrs(True)
+        shared = _step_backward(E, *args, k, n)
+        assert C.shared_csr_stats(True) == (2, 2)
+    finally:
+        C.set_share_csrs(True)
+    for a, s_ in zip(alone, shared):
+        assert torch.equal(a, s_)
+
+
 # --------------------------------------------------------------------------- both libraries in one process
 def test_emulated_and_real_ops_side_by_side():
     ops = pytest.importorskip("dualenc_fast.ops")

@@ -1080,3 +1080,89 @@ def test_register_blocked_loops_every_dtype(narrow, tmp_path):
     res = subprocess.run([sys.executable, str(script), root], env=env, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout + res.stderr
+
+
+# --------------------------------------------------------------------------- shared transposes
+def _joint_grads(model, x, share):
+    ops.set_share_transposes(share)
+    ops._shared_transpose_stats(reset=True)
+    model.zero_grad(set_to_none=True)
+    out = model.forward_sparse(x)
+    (out.recon.float().pow(2).sum() + out.code.values.float().sum()).backward()
+    stats = ops._shared_transpose_stats(reset=True)
+    return stats, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_joint_step_builds_two_transposes_and_shares_them(dtype):
+    """A joint step's backward walks the transpose of the code (decoder,
+    encoder) and of its first N columns (NFM linear, FM): built once each and
+    shared, with gradients bitwise those of a transpose per product."""
+    from dualenc_fast.nn.modules import JointSAENFM
+
+    torch.manual_seed(3)
+    m = JointSAENFM(48, 300, 12, 8, top_n=5, backend="fused", dropout=0.0).to(dtype)
+    x = torch.randn(37, 48, dtype=dtype)
+    try:
+        with ops.sparse_strategy_scope("gather"):
+            shared, g1 = _joint_grads(m, x, True)
+            alone, g0 = _joint_grads(m, x, False)
+            again, g2 = _joint_grads(m, x, True)
+    finally:
+        ops.set_share_transposes(True)
+    assert shared == (2, 2) and again == (2, 2)
+    assert alone == (4, 0)
+    assert g1.keys() == g0.keys() and len(g1) >= 8
+    for name in g1:
+        assert torch.equal(g1[name], g0[name]), name
+        assert torch.equal(g2[name], g0[name]), name
+
+
+def test_shared_transpose_only_for_the_same_code_view_and_version():
+    """Reuse needs a code from topk_encode (marked), the same view and the
+    same version: an in-place write, another view or a code made by hand is
+    transposed afresh, and the gradients always match an unshared build."""
+    torch.manual_seed(4)
+    B, d, F, k = 9, 16, 40, 6
+    x, w, b = torch.randn(B, d), torch.randn(F, d), torch.randn(F)
+    ops.clear_buffer_cache()
+    v, idx = ops.topk_encode(x, w, b, k)
+    g = torch.randn(B, d)
+
+    def dw(values, indices):
+        return torch.ops.dualenc_fast.sparse_decode_backward(g, values, indices, w, False, True, False, 0)[1]
+
+    ops._shared_transpose_stats(reset=True)
+    first = dw(v, idx)
+    assert ops._shared_transpose_stats() == (1, 0)
+    assert torch.equal(dw(v, idx), first)
+    assert ops._shared_transpose_stats() == (1, 1)
+    # a view of the same code (its first columns) is its own transpose, then shared
+    head = dw(v[:, :3], idx[:, :3])
+    assert ops._shared_transpose_stats() == (2, 1)
+    assert torch.equal(dw(v[:, :3], idx[:, :3]), head)
+    assert ops._shared_transpose_stats() == (2, 2)
+    # an in-place write gives a new version: transposed again, with the new code
+    idx[0, 0] = (idx[0, 0] + 1) % F
+    after = dw(v, idx)
+    assert ops._shared_transpose_stats() == (3, 2)
+    ops.set_share_transposes(False)
+    try:
+        assert torch.equal(after, dw(v, idx))
+    finally:
+        ops.set_share_transposes(True)
+    # a code made by hand (not from topk_encode) is never shared
+    ops._shared_transpose_stats(reset=True)
+    own = idx.clone()
+    dw(v, own), dw(v, own)
+    assert ops._shared_transpose_stats() == (2, 0)
+    # dropped with clear_buffer_cache (the marks too)
+    ops.clear_buffer_cache()
+    dw(v, idx)
+    assert ops._shared_transpose_stats() == (3, 0)
+
+
+def test_shared_transposes_switch_is_checked():
+    with pytest.raises(TypeError, match="'enabled' must be a bool"):
+        ops.set_share_transposes(1)
+    assert ops.share_transposes() is True

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "csr_share.h"
 #include "emu/emu.h"
 #include "strategy.h"
 
@@ -50,6 +51,12 @@ PYBIND11_MODULE(_C_emu, m) {
   m.def(
       "set_index_checks", [](bool on) { dualenc_fast::index_checks_enabled() = on; });
   m.def("sparse_strategy", &sparse_strategy);
+  m.def("set_share_csrs", &dualenc_fast::set_share_csrs, py::arg("on"),
+        "Whether the backward products of one code share one transpose of it (csr_share.h).");
+  m.def("share_csrs", &dualenc_fast::share_csrs);
+  m.def("clear_shared_csrs", &dualenc_fast::clear_shared_csrs, "Drop every kept transpose and mark.");
+  m.def("shared_csr_stats", &dualenc_fast::shared_csr_stats, py::arg("reset") = false,
+        "(transposes built, transposes reused) since the last reset.");
   // Validated in Python (dualenc_fast.emu).
   m.def("set_sparse_strategy", [](int mode, int64_t dense_block_bytes, int64_t encode_block_bytes) {
     auto& s = dualenc_fast::sparse_strategy();

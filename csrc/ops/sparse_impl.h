@@ -27,6 +27,7 @@
 #include <tuple>
 #include <utility>
 
+#include "csr_share.h"
 #include "ops/sparse_decode.h"
 #include "ops/topk_encode.h"
 #include "strategy.h"
@@ -156,7 +157,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward_impl(
                                         grad_values.mutable_data_ptr<scalar_t>(), B, k, d);
     }
     if (need_weight_grad) {
-      const typename Prims::Csr csr(idx, F);
+      const auto csr_p = shared_csr<typename Prims::Csr>(indices, F, [&] { return typename Prims::Csr(idx, F); });
+      const auto& csr = *csr_p;
       Prims::template scatter_rows<scalar_t>(csr, v.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
                                              grad_weight.mutable_data_ptr<scalar_t>(), nullptr, F, k, d);
     }
@@ -218,7 +220,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_backward_impl(
     }
     if (need_weight_grad) {
       const auto xe = centered_input(x, pre_bias);
-      const typename Prims::Csr csr(idx, F);
+      const auto csr_p = shared_csr<typename Prims::Csr>(indices, F, [&] { return typename Prims::Csr(idx, F); });
+      const auto& csr = *csr_p;
       Prims::template scatter_rows<scalar_t>(csr, g.const_data_ptr<scalar_t>(), xe.const_data_ptr<scalar_t>(),
                                              grad_w.mutable_data_ptr<scalar_t>(),
                                              grad_b.mutable_data_ptr<scalar_t>(), F, k, d);

@@ -8,6 +8,7 @@
 
 #include <vector>
 
+#include "csr_share.h"
 #include "ops/cpu/primitives.h"
 #include "ops/fm_interaction.h"
 
@@ -211,7 +212,8 @@ std::tuple<at::Tensor, at::Tensor> fm_interaction_backward_cpu(
       fm_backward_rows<scalar_t, acc_t>(gp, vp, ip, Ep, S.data(), dv, b0, b1, k, K);
     });
     if (need_embeddings_grad) {
-      const FeatureCsr csr(ip, B * k, F, k);
+      const auto csr_p = shared_csr<FeatureCsr>(indices, F, [&] { return FeatureCsr(ip, B * k, F, k); });
+      const auto& csr = *csr_p;
       scalar_t* dE = grad_E.mutable_data_ptr<scalar_t>();
       at::parallel_for(0, F, grain_for(K * 4), [&](int64_t i0, int64_t i1) {
         fm_backward_features<scalar_t, acc_t>(csr, gp, vp, Ep, S.data(), dE, i0, i1, K);

@@ -32,7 +32,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward_cpu(const at::Tensor& 
   auto grad_values = need_values_grad ? at::empty({B, k}, v.options()) : at::empty({0}, v.options());
   auto grad_weight = empty_cached({F, d}, W.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "sparse_decode_backward_cpu", [&] {
-    const FeatureCsr csr(idx, F);
+    const auto csr_p = shared_csr<FeatureCsr>(indices, F, [&] { return FeatureCsr(idx, F); });
+    const auto& csr = *csr_p;
     if (need_values_grad) {
       dot_scatter_rows<scalar_t>(csr, g.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
                                  W.const_data_ptr<scalar_t>(), grad_values.mutable_data_ptr<scalar_t>(),

@@ -14,6 +14,7 @@
 
 #include "buffer_cache.h"
 #include "checks.h"
+#include "csr_share.h"
 #include "ops/cpu/primitives.h"
 #include "ops/sparse_impl.h"
 #include "ops/topk_encode.h"
@@ -209,6 +210,7 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cpu(const at::Tensor& x,       //
       }
     });
   });
+  mark_shared_code(indices);  // its backward products share one transpose (csr_share.h)
   return {values, indices};
 }
 
@@ -248,7 +250,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_backward_cpu(
     }
     if (need_weight_grad) {
       const auto xe = centered_input(x, pre_bias);
-      const FeatureCsr csr(idx, F);
+      const auto csr_p = shared_csr<FeatureCsr>(indices, F, [&] { return FeatureCsr(idx, F); });
+      const auto& csr = *csr_p;
       scatter_rows<scalar_t>(csr, g.data(), xe.const_data_ptr<scalar_t>(), grad_w.mutable_data_ptr<scalar_t>(),
                              grad_b.mutable_data_ptr<scalar_t>(), F, k, d);
     }

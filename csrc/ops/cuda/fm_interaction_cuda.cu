@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "csr_share.h"
 #include "ops/cuda/primitives.cuh"
 #include "ops/fm_interaction.h"
 
@@ -166,7 +167,8 @@ std::tuple<at::Tensor, at::Tensor> fm_interaction_backward_cuda(
         need_values_grad ? grad_v.mutable_data_ptr<scalar_t>() : nullptr, k, K);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (need_embeddings_grad && F > 0) {
-      const FeatureCsr csr(idx, F);
+      const auto csr_p = shared_csr<FeatureCsr>(indices, F, [&] { return FeatureCsr(idx, F); });
+      const auto& csr = *csr_p;
       auto parts = csr_partials<acc_t>(csr, v, K, false);
       const int threads = threads_cover(K);
       const dim3 grid(checked_grid(csr.item_bound(), "fm_interaction_backward"),

@@ -47,7 +47,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward_cuda(
   auto grad_weight = need_weight_grad ? at::empty({F, d}, W.options()) : at::empty({0}, W.options());
   if (F == 0) return {grad_values, grad_weight};  // then there are no pairs (B * k == 0)
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "sparse_decode_backward_cuda", [&] {
-    const FeatureCsr csr(idx, F);
+    const auto csr_p = shared_csr<FeatureCsr>(indices, F, [&] { return FeatureCsr(idx, F); });
+    const auto& csr = *csr_p;
     dot_scatter_rows<scalar_t>(csr, g.const_data_ptr<scalar_t>(),
                                need_weight_grad ? v.const_data_ptr<scalar_t>() : nullptr,
                                W.const_data_ptr<scalar_t>(), grad_values.mutable_data_ptr<scalar_t>(),

@@ -55,6 +55,7 @@
 #include <cstring>
 
 #include "checks.h"
+#include "csr_share.h"
 #include "ops/cuda/primitives.cuh"
 #include "ops/sparse_impl.h"
 #include "ops/topk_encode.h"
@@ -449,6 +450,7 @@ std::tuple<at::Tensor, at::Tensor> topk_encode_cuda(const at::Tensor& x,       /
     values = std::get<0>(by_value);
     indices = at::gather(std::get<0>(by_index), 1, std::get<1>(by_value));
   }
+  mark_shared_code(indices);  // its backward products share one transpose (csr_share.h)
   return {values, indices};
 }
 
