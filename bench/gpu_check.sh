@@ -8,7 +8,9 @@
 #   test      the CUDA op tests, the large shapes included (top-k select at
 #             F = 5000 and 50000, k up to F; every op in every dtype)
 #   bench     dualenc bench at P and S, bfloat16 and float32, each with a
-#             profiler breakdown of one fused step
+#             profiler breakdown of one fused step and the before/after of
+#             each switchable design (--ab all: the fused step with the
+#             design off against on, interleaved)
 # The default (build,test,bench) fits 8 minutes of device time with the
 # prebuilt module: about 0.5 min build, <= 2 min tests, <= 4 x 75 s benches.
 # Opt-in stages (name them; they do not fit beside the default in 8 minutes):
@@ -111,7 +113,7 @@ if want bench; then
     for dt in bfloat16 float32; do
       log "bench: $cfg $dt (with a profile of the fused step)"
       run "bench-$cfg-$dt" 75 "$PY" -m dualenc_fast.cli bench --config "$cfg" --device cuda --dtype "$dt" \
-        --repeats 3 --no-memory --profile --out "$out/bench-$cfg-$dt.json"
+        --repeats 3 --no-memory --profile --ab all --out "$out/bench-$cfg-$dt.json"
     done
   done
 fi

@@ -3,7 +3,7 @@
 // walk the transpose (pairs grouped by feature, a FeatureCsr) of the same
 // [B, k] code, and the NFM-linear layer and the FM pooling that of its first N
 // columns: four builds, two distinct transposes. The indices this package's
-// own top-k selection returns (topk_encode, on every device) are marked here;
+// own selections return (topk_encode, topn_reselect; every device) are marked;
 // a product asking for the transpose of a marked code, or of a view of one,
 // gets the transpose built first.
 //

@@ -345,6 +345,57 @@ def op_figures(s: Shape, device, dtype, repeats: int) -> dict:
     }
 
 
+# --------------------------------------------------------------------------- design A/B
+def _share_transposes_off():
+    from contextlib import contextmanager
+
+    from . import ops
+
+    @contextmanager
+    def scope():
+        was = ops.share_transposes()
+        ops.set_share_transposes(False)
+        try:
+            yield
+        finally:
+            ops.set_share_transposes(was)
+
+    return scope()
+
+
+# name -> (what the design is, a context manager factory switching it off)
+DESIGNS: Dict[str, tuple] = {
+    "shared_transposes": ("one transpose per code shared by its backward products "
+                          "(ops.set_share_transposes)", _share_transposes_off),
+}
+
+
+def design_ab(step: Callable, x, device, names, repeats: int, warmup: int = 1, log=print) -> dict:
+    """The fused step with each named design switched off, interleaved round by
+    round with the same step as shipped (one set of parameters and one Adam for
+    both, so memory and data are the same): the before/after of each design in
+    one run. Reports the paired median of off / on (> 1: the design helps)."""
+    out = {}
+    log("design A/B: the fused step with the design off / on (paired median; > 1 means the design helps):")
+    for name in names:
+        if name not in DESIGNS:
+            raise ValueError(f"unknown design {name!r}; choose from {sorted(DESIGNS)}")
+        what, off = DESIGNS[name]
+
+        def step_off(x_, _off=off):
+            with _off():
+                return step(x_)
+
+        times = time_paths({"on": step, "off": step_off}, x, device, repeats, warmup)
+        ratio = statistics.median(a / b for a, b in zip(times["off"], times["on"]))
+        out[name] = {"what": what, "on_s": statistics.median(times["on"]),
+                     "off_s": statistics.median(times["off"]), "off_over_on_paired": ratio,
+                     "on_all": times["on"], "off_all": times["off"]}
+        log(f"  {name:<20} on {out[name]['on_s'] * 1e3:9.3f} ms  off {out[name]['off_s'] * 1e3:9.3f} ms  "
+            f"off/on {ratio:.3f}")
+    return out
+
+
 # --------------------------------------------------------------------------- gather or dense
 def density_sweep(s: Shape, device, dtype, ks, repeats: int = 3, log=print) -> dict:
     """sparse_decode forward + backward (values and weight gradients) in its
@@ -412,7 +463,7 @@ def profile_step(step: Callable, x, device, top: int = 15, log=print) -> list:
 # --------------------------------------------------------------------------- driver
 def run(config: str = "C1", device: str = "cpu", dtype: str = "float32", repeats: int = 5, warmup: int = 1,
         paths=PATHS, memory: bool = True, out: str | None = None, log=print,
-        sweep_ks=None, profile: bool = False) -> dict:
+        sweep_ks=None, profile: bool = False, designs=()) -> dict:
     if config not in CONFIGS:
         raise ValueError(f"unknown config {config!r}; choose one of {sorted(CONFIGS)}")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -495,6 +546,10 @@ def run(config: str = "C1", device: str = "cpu", dtype: str = "float32", repeats
             f"({figs['bare_gemm_s'] * 1e3:.3f} ms)")
     if profile and "fused" in steps:
         result["profile_fused"] = profile_step(steps["fused"], x, device, log=log)
+    if designs:
+        # the run's own fused step when it has one (no second copy of the parameters)
+        ab_step = steps["fused"] if "fused" in steps else build_step("fused", s, device, dt)
+        result["design_ab"] = design_ab(ab_step, x, device, designs, repeats=max(3, repeats), log=log)
     if sweep_ks:
         result["density_sweep"] = density_sweep(s, device, dt, sweep_ks, repeats=max(3, repeats), log=log)
     if out:

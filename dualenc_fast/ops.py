@@ -225,7 +225,8 @@ def set_share_transposes(enabled: bool) -> None:
     pooling that of its first N columns. With sharing on (the default) the
     transpose of a code that :func:`topk_encode` returned, or of a view of it,
     is built once and reused by the later products of the same code, on every
-    device: two builds per step instead of four. A transpose is reused only for
+    device: two builds per step instead of four (:func:`topn_reselect`'s codes
+    count as :func:`topk_encode`'s). A transpose is reused only for
     the same storage, view, version counter (an in-place write gives a new
     one), number of features and stream; codes built any other way are
     transposed on every call. At most four transposes are kept; those of codes

@@ -82,3 +82,25 @@ def test_bench_cli_rejects_bad_sweep():
     r = subprocess.run([sys.executable, "-m", "dualenc_fast.cli", "bench", "--config", "tiny", "--paths", "",
                         "--no-memory", "--sweep-k", "2000"], capture_output=True, text=True)
     assert r.returncode == 2 and "need 0 < k <= F = 1024, got k = 2000" in r.stderr
+
+
+def test_design_ab_times_each_design_off_and_on_and_restores_it(tmp_path):
+    from dualenc_fast import ops
+
+    out = tmp_path / "ab.json"
+    lines = []
+    bench.run("tiny", repeats=1, warmup=0, paths=(), memory=False, out=str(out), log=lines.append,
+              designs=tuple(bench.DESIGNS))
+    ab = json.loads(out.read_text())["design_ab"]
+    assert set(ab) == set(bench.DESIGNS) and "shared_transposes" in ab
+    for row in ab.values():
+        assert row["on_s"] > 0 and row["off_s"] > 0 and row["off_over_on_paired"] > 0
+        assert len(row["on_all"]) == len(row["off_all"]) == 3
+    assert any("off/on" in line for line in lines)
+    assert ops.share_transposes() is True
+
+
+def test_bench_cli_rejects_unknown_design():
+    r = subprocess.run([sys.executable, "-m", "dualenc_fast.cli", "bench", "--config", "tiny", "--paths", "",
+                        "--no-memory", "--ab", "shared_transposes,turbo"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--ab: unknown design(s) ['turbo']" in r.stderr

@@ -28,6 +28,10 @@ def register(sub):
                    "thresholds (dualenc_fast.ops.set_sparse_strategy)")
     p.add_argument("--profile", action="store_true",
                    help="also profile one fused step and print where its time goes, by op")
+    p.add_argument("--ab", default=None, metavar="DESIGN,...",
+                   help="also time the fused step with each named design switched off, interleaved with it "
+                   "on (paired ratio off/on): 'all' or a comma-separated subset of "
+                   "dualenc_fast.bench.DESIGNS (e.g. shared_transposes)")
     p.add_argument("--out", default=None, help="write the JSON result here")
     p.add_argument("--ddp", type=int, default=None, metavar="N",
                    help="instead: rows/s of one joint training step in 1 process and in N data-parallel "
@@ -63,7 +67,15 @@ def run(args) -> int:
             sweep = [int(x) for x in args.sweep_k.split(",") if x.strip()]
         except ValueError:
             raise ValueError(f"--sweep-k must be comma-separated integers, got {args.sweep_k!r}") from None
+    designs = ()
+    if args.ab:
+        designs = tuple(bench.DESIGNS) if args.ab.strip() == "all" else tuple(
+            x.strip() for x in args.ab.split(",") if x.strip())
+        bad = [x for x in designs if x not in bench.DESIGNS]
+        if bad or not designs:
+            raise ValueError(f"--ab: unknown design(s) {bad or args.ab!r}; choose 'all' or from "
+                             f"{', '.join(bench.DESIGNS)}")
     bench.run(args.config, args.device, args.dtype, args.repeats, args.warmup, paths,
               memory=not args.no_memory, out=args.out, sweep_ks=sweep,
-              profile=args.profile)
+              profile=args.profile, designs=designs)
     return 0

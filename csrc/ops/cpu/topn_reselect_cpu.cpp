@@ -9,6 +9,7 @@
 #include <numeric>
 #include <vector>
 
+#include "csr_share.h"
 #include "ops/cpu/primitives.h"
 #include "ops/topn_reselect.h"
 
@@ -50,6 +51,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topn_reselect_cpu(const at::Tenso
       }
     });
   });
+  mark_shared_code(out_i);  // its backward products share one transpose (csr_share.h)
   return {out_v, out_i, out_p};
 }
 

@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "csr_share.h"
 #include "ops/topn_reselect.h"
 
 namespace dualenc_fast::cuda {
@@ -25,6 +26,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topn_reselect_cuda(const at::Tens
   auto out_v = std::get<0>(by_value).narrow(1, 0, n).contiguous();
   auto out_i = at::gather(std::get<0>(by_index), 1, order);
   auto out_p = at::gather(pos_index, 1, order);
+  mark_shared_code(out_i);  // its backward products share one transpose (csr_share.h)
   return {out_v, out_i, out_p};
 }
 
