@@ -1166,3 +1166,22 @@ def test_shared_transposes_switch_is_checked():
     with pytest.raises(TypeError, match="'enabled' must be a bool"):
         ops.set_share_transposes(1)
     assert ops.share_transposes() is True
+
+
+def test_topn_reselect_codes_share_their_transpose_too():
+    """The ops called directly, as the bench's fused path calls them: the top-N
+    code from topn_reselect is transposed once for the NFM linear layer and
+    the FM pooling."""
+    torch.manual_seed(6)
+    B, d, F, k, n, K = 21, 16, 50, 8, 3, 6
+    x = torch.randn(B, d)
+    w_enc, b_enc = torch.randn(F, d, requires_grad=True), torch.randn(F, requires_grad=True)
+    w_dec, w_lin, emb = (torch.randn(F, c, requires_grad=True) for c in (d, d, K))
+    with ops.sparse_strategy_scope("gather"):
+        v, i = ops.topk_encode(x, w_enc, b_enc, k)
+        vn, i_n = ops.topn_reselect(v, i, n)[:2]
+        out = ops.sparse_decode(v, i, w_dec) + ops.sparse_decode(vn, i_n, w_lin)
+        loss = out.pow(2).sum() + ops.fm_interaction(vn, i_n, emb).pow(2).sum()
+        ops._shared_transpose_stats(reset=True)
+        loss.backward()
+    assert ops._shared_transpose_stats() == (2, 2)
