@@ -113,4 +113,6 @@ PYBIND11_MODULE(_C, m) {
   // Validated in Python (dualenc_fast.ops.set_encode_block_bytes).
   m.def("encode_block_bytes", []() { return dualenc_fast::sparse_strategy().encode_block_bytes; });
   m.def("set_encode_block_bytes", [](int64_t n) { dualenc_fast::sparse_strategy().encode_block_bytes = n; });
+  m.def("dense_dv_block_bytes", []() { return dualenc_fast::sparse_strategy().dense_dv_block_bytes; });
+  m.def("set_dense_dv_block_bytes", [](int64_t n) { dualenc_fast::sparse_strategy().dense_dv_block_bytes = n; });
 }

@@ -1,5 +1,7 @@
 #include "strategy.h"
 
+#include <algorithm>
+
 #include <ATen/Context.h>
 #include <c10/util/Exception.h>
 
@@ -28,6 +30,13 @@ bool use_dense_path(const at::Tensor& like, int64_t k, int64_t F) {
 
 int64_t sparse_form(bool on_cpu, bool half_or_bf16, bool is_float32, int64_t B, int64_t k, int64_t F) {
   return use_dense_path(on_cpu, half_or_bf16, is_float32, B, k, F) ? sparse_strategy().dense_block_bytes : 0;
+}
+
+int64_t dense_dv_chunk(int64_t B, int64_t F, int64_t elt) {
+  const int64_t bytes = sparse_strategy().dense_dv_block_bytes;
+  if (bytes <= 0 || F <= 0) return 0;
+  const int64_t per_feature = std::max<int64_t>(1, B * elt);
+  return std::min<int64_t>(F, std::max<int64_t>(kMinDvChunk, bytes / per_feature));
 }
 
 int64_t resolve_sparse_form(int64_t recorded, const at::Tensor& like, int64_t k, int64_t F) {

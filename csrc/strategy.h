@@ -31,7 +31,22 @@ struct SparseStrategy {
   // pre-activations stay near this size (at least one row). Set from Python
   // (dualenc_fast.ops.set_encode_block_bytes).
   int64_t encode_block_bytes = int64_t{256} << 20;
+  // The dense form's dvalues (sparse_decode backward): the product g W^T in
+  // chunks of features whose [B, chunk] result stays near this size (at least
+  // kMinDvChunk features), each read back through the code's transpose while
+  // it is still in cache, so no [rows, F] product goes to memory; 0: in the row
+  // blocks above, each [rows, F] product gathered row by row. Set from Python
+  // (dualenc_fast.ops.set_dense_dv_block_bytes).
+  int64_t dense_dv_block_bytes = int64_t{24} << 20;
 };
+
+// Fewest features in a chunk of the dense dvalues product (narrower GEMMs
+// lose efficiency).
+constexpr int64_t kMinDvChunk = 2048;
+
+// Features per chunk of the dense dvalues product for B rows of `elt`-byte
+// elements over F features, or 0 for the row-block form (setting 0).
+int64_t dense_dv_chunk(int64_t B, int64_t F, int64_t elt);
 
 SparseStrategy& sparse_strategy();
 

@@ -363,10 +363,30 @@ def _share_transposes_off():
     return scope()
 
 
+def _dense_dv_chunks_off():
+    from contextlib import contextmanager
+
+    from . import ops
+
+    @contextmanager
+    def scope():
+        was = ops.dense_dv_block_bytes()
+        ops.set_dense_dv_block_bytes(0)
+        try:
+            yield
+        finally:
+            ops.set_dense_dv_block_bytes(was)
+
+    return scope()
+
+
 # name -> (what the design is, a context manager factory switching it off)
 DESIGNS: Dict[str, tuple] = {
     "shared_transposes": ("one transpose per code shared by its backward products "
                           "(ops.set_share_transposes)", _share_transposes_off),
+    "dense_dv_chunks": ("the dense form's dvalues in cache-sized feature chunks read back through the "
+                        "transpose, no [rows, F] product in memory (ops.set_dense_dv_block_bytes)",
+                        _dense_dv_chunks_off),
 }
 
 

@@ -107,6 +107,20 @@ def set_strategy(
 
 
 @contextlib.contextmanager
+def dense_dv_scope(nbytes: int) -> Iterator[None]:
+    """The emulated module's :func:`dualenc_fast.ops.set_dense_dv_block_bytes`
+    for the length of a ``with`` block."""
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+        raise ValueError(f"dualenc_fast.emu: argument 'nbytes' must be an int >= 0, got {nbytes!r}")
+    before = int(module().dense_dv_block_bytes())
+    module().set_dense_dv_block_bytes(nbytes)
+    try:
+        yield
+    finally:
+        module().set_dense_dv_block_bytes(before)
+
+
+@contextlib.contextmanager
 def strategy_scope(mode: Optional[str] = None, **settings) -> Iterator[None]:
     before = strategy()
     set_strategy(mode, **settings)

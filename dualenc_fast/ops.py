@@ -27,6 +27,7 @@ __all__ = [
     "buffer_cache_limit",
     "clear_buffer_cache",
     "dense_code",
+    "dense_dv_block_bytes",
     "fm_interaction",
     "encode_block_bytes",
     "index_checks",
@@ -34,6 +35,7 @@ __all__ = [
     "integration_mlp_with_hidden",
     "set_encode_block_bytes",
     "set_buffer_cache_limit",
+    "set_dense_dv_block_bytes",
     "set_index_checks",
     "set_share_transposes",
     "set_sparse_strategy",
@@ -179,6 +181,27 @@ def set_encode_block_bytes(nbytes: int) -> None:
     if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 1:
         raise ValueError(f"dualenc_fast: argument 'nbytes' must be an int >= 1, got {nbytes!r}")
     _ext._C.set_encode_block_bytes(nbytes)
+
+
+def dense_dv_block_bytes() -> int:
+    """Size of the chunks of the dense form's dvalues product (0: row blocks);
+    see :func:`set_dense_dv_block_bytes`."""
+    return int(_ext._C.dense_dv_block_bytes())
+
+
+def set_dense_dv_block_bytes(nbytes: int) -> None:
+    """In the dense form, ``sparse_decode``'s dvalues are the entries of
+    ``g @ weight.T`` [B, F] at the selected indices. With ``nbytes > 0``
+    (default 24 MiB) that product is formed in chunks of features whose
+    ``[B, chunk]`` result stays near ``nbytes`` (at least 2048 features) and
+    each chunk's selected entries are read back through the code's transpose
+    (:func:`set_share_transposes`) while the chunk is still in cache: no
+    ``[rows, F]`` product goes to memory. ``0``: the product in the row blocks
+    of ``dense_block_bytes``, gathered row by row. Both give the same values up
+    to the GEMM's rounding. Process-wide."""
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+        raise ValueError(f"dualenc_fast: argument 'nbytes' must be an int >= 0, got {nbytes!r}")
+    _ext._C.set_dense_dv_block_bytes(nbytes)
 
 
 def buffer_cache_limit() -> int:

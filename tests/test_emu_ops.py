@@ -548,6 +548,24 @@ def test_topn_reselect(seed):
         assert torch.equal(v, rv) and torch.equal(i, ri)
 
 
+# --------------------------------------------------------------------------- dense dvalues in feature chunks
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_dense_dvalues_in_feature_chunks(dtype, seed):
+    """The dense form's dvalues through 2048-feature chunks of g W^T, each read
+    back through the transpose (one warp per feature): the row-block form's
+    values, several chunks, repeated indices, features with no pair."""
+    g_ = torch.Generator().manual_seed(9)
+    B, d, F, k = 5, 10, 4500, 200
+    v, w, g = rnd(g_, B, k).to(dtype), rnd(g_, F, d).to(dtype), rnd(g_, B, d).to(dtype)
+    idx = torch.randint(0, F, (B, k), generator=g_)
+    with emu.dense_dv_scope(0):
+        rows_form = E.sparse_decode_backward(g, v, idx, w, True, False, True, 1 << 20)[0]
+    with emu.dense_dv_scope(1):
+        chunked = E.sparse_decode_backward(g, v, idx, w, True, False, True, 1 << 20)[0]
+    assert torch.equal(chunked, rows_form)
+    close(chunked, (g.double() @ w.double().T).gather(1, idx), dtype, scale=math.sqrt(d))
+
+
 # --------------------------------------------------------------------------- shared transposes
 def _step_backward(E, x, w, b, wd, wl, emb, up_d, up_l, up_p, k, n):
     """The backward products of a joint step, called as the autograd backward

@@ -1185,3 +1185,34 @@ def test_topn_reselect_codes_share_their_transpose_too():
         ops._shared_transpose_stats(reset=True)
         loss.backward()
     assert ops._shared_transpose_stats() == (2, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_dense_dvalues_in_feature_chunks(dtype):
+    """The dense form's dvalues through feature chunks of g W^T read back via
+    the transpose: the same values as the row-block form (bitwise on the CPU,
+    whose GEMM rounds each entry alike), several chunks, repeated indices, an
+    empty batch, and the setting checked."""
+    g_ = torch.Generator().manual_seed(8)
+    B, d, F, k = 7, 12, 4500, 300  # 2048-feature chunks: 3 of them
+    v = torch.randn(B, k, generator=g_, dtype=torch.float64).to(dtype)
+    idx = torch.randint(0, F, (B, k), generator=g_)  # repeats
+    w = torch.randn(F, d, generator=g_, dtype=torch.float64).to(dtype)
+    g = torch.randn(B, d, generator=g_, dtype=torch.float64).to(dtype)
+    before = ops.dense_dv_block_bytes()
+    try:
+        ops.set_dense_dv_block_bytes(0)
+        rows_form = torch.ops.dualenc_fast.sparse_decode_backward(g, v, idx, w, True, True, True, 1 << 20)
+        ops.set_dense_dv_block_bytes(1)  # the 2048-feature minimum
+        chunked = torch.ops.dualenc_fast.sparse_decode_backward(g, v, idx, w, True, True, True, 1 << 20)
+        assert torch.equal(chunked[0], rows_form[0]) and torch.equal(chunked[1], rows_form[1])
+        ref = (g.double() @ w.double().T).gather(1, idx)
+        tol = {torch.float64: dict(atol=1e-12, rtol=1e-12), torch.float32: dict(atol=1e-5, rtol=1e-4),
+               torch.bfloat16: dict(atol=0.2, rtol=0.05)}[dtype]
+        torch.testing.assert_close(chunked[0].double(), ref, **tol)
+        empty = torch.ops.dualenc_fast.sparse_decode_backward(g[:0], v[:0], idx[:0], w, True, False, True, 1 << 20)
+        assert empty[0].shape == (0, k)
+    finally:
+        ops.set_dense_dv_block_bytes(before)
+    with pytest.raises(ValueError, match="'nbytes' must be an int >= 0"):
+        ops.set_dense_dv_block_bytes(-1)

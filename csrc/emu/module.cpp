@@ -51,6 +51,8 @@ PYBIND11_MODULE(_C_emu, m) {
   m.def(
       "set_index_checks", [](bool on) { dualenc_fast::index_checks_enabled() = on; });
   m.def("sparse_strategy", &sparse_strategy);
+  m.def("dense_dv_block_bytes", []() { return dualenc_fast::sparse_strategy().dense_dv_block_bytes; });
+  m.def("set_dense_dv_block_bytes", [](int64_t n) { dualenc_fast::sparse_strategy().dense_dv_block_bytes = n; });
   m.def("set_share_csrs", &dualenc_fast::set_share_csrs, py::arg("on"),
         "Whether the backward products of one code share one transpose of it (csr_share.h).");
   m.def("share_csrs", &dualenc_fast::share_csrs);

@@ -135,13 +135,27 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward_impl(
   auto grad_values = need_values_grad ? at::empty({B, k}, v.options()) : at::empty({0}, v.options());
   auto grad_weight = need_weight_grad ? at::empty({F, d}, W.options()) : at::empty({0}, W.options());
   if (const int64_t form = resolve_sparse_form(sparse_form, v, k, F); form > 0) {
+    // dv[b, j] = (g W^T)[b, idx[b, j]], in feature chunks read back through the
+    // code's transpose (dense_dv_chunk), else per row block below
+    const int64_t chunk = need_values_grad && B > 0 ? dense_dv_chunk(B, F, v.element_size()) : 0;
+    if (chunk > 0) {
+      const auto csr_p = shared_csr<typename Prims::Csr>(indices, F, [&] { return typename Prims::Csr(idx, F); });
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "sparse_decode_backward", [&] {
+        for (int64_t f0 = 0; f0 < F; f0 += chunk) {
+          const int64_t n = std::min(chunk, F - f0);
+          const auto prod = at::mm(g, W.narrow(0, f0, n).t());  // [B, n]
+          Prims::template gather_transposed<scalar_t>(*csr_p, prod.const_data_ptr<scalar_t>(), f0, n,
+                                                      grad_values.mutable_data_ptr<scalar_t>());
+        }
+      });
+    }
     const bool several = dense_block_rows(B, F, v, form) < B;
     std::optional<BlockGradSum> dW;
     if (need_weight_grad) dW.emplace(grad_weight, several);
     for_dense_blocks(B, F, v, form, [&](int64_t b0, int64_t n) {
       const auto gb = g.narrow(0, b0, n);      // [n, d]
       const auto ib = idx.narrow(0, b0, n);    // [n, k]
-      if (need_values_grad) {                  // dv[b, j] = (g W^T)[b, idx[b, j]]
+      if (need_values_grad && chunk == 0) {    // dv[b, j] = (g W^T)[b, idx[b, j]]
         auto gv = grad_values.narrow(0, b0, n);
         at::gather_out(gv, at::mm(gb, W.t()), 1, ib);
       }

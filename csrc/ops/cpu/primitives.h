@@ -390,6 +390,27 @@ void dot_scatter_rows(const FeatureCsr& csr,
 }
 
 // The primitive set the shared host code (ops/sparse_impl.h) runs on.
+// out[p] = block[rows[q], f - f0] for every pair q = (b, j) of the features f
+// in [f0, f0 + n): the selected entries of a [B, n] slice of a dense product
+// (columns = features f0 .. f0 + n - 1), read through the code's transpose.
+template <typename scalar_t>
+void gather_transposed(const FeatureCsr& csr,
+                       const scalar_t* block,  // [B, n]
+                       int64_t f0, int64_t n,
+                       scalar_t* out) {        // [B * k], by pair id
+  const int64_t* rowptr = csr.rowptr.data();
+  const int64_t* pairs = csr.pairs.data();
+  const int32_t* rows = csr.rows.data();
+  const int64_t pairs_in = rowptr[f0 + n] - rowptr[f0];
+  at::parallel_for(f0, f0 + n, std::max<int64_t>(1, n * 16384 / std::max<int64_t>(1, pairs_in)),
+                   [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const scalar_t* col = block + (i - f0);
+      for (int64_t q = rowptr[i]; q < rowptr[i + 1]; ++q) out[pairs[q]] = col[int64_t(rows[q]) * n];
+    }
+  });
+}
+
 struct Prims {
   using Csr = FeatureCsr;
   template <typename T>
@@ -405,6 +426,10 @@ struct Prims {
   static void scatter_rows(const Csr& csr, const T* coef, const T* y, T* dW, T* dsum, int64_t F, int64_t k,
                            int64_t d) {
     cpu::scatter_rows<T>(csr, coef, y, dW, dsum, F, k, d);
+  }
+  template <typename T>
+  static void gather_transposed(const Csr& csr, const T* block, int64_t f0, int64_t n, T* out) {
+    cpu::gather_transposed<T>(csr, block, f0, n, out);
   }
 };
 

@@ -570,6 +570,37 @@ void dot_scatter_rows(const FeatureCsr& csr,
 }
 
 // The primitive set the shared host code (ops/sparse_impl.h) runs on.
+// out[p] = block[rows[q], f - f0] for every pair q of the features f in
+// [f0, f0 + n): the selected entries of a [B, n] slice of a dense product read
+// through the code's transpose. One warp per feature, its lanes over the
+// feature's pairs (no host read of the pair counts).
+template <typename scalar_t>
+__global__ void gather_transposed_kernel(const int64_t* __restrict__ rowptr,  // [F + 1]
+                                         const int64_t* __restrict__ pairs,   // [nnz] pair ids b * k + j
+                                         const int* __restrict__ rows,        // [nnz] batch rows
+                                         const scalar_t* __restrict__ block,  // [B, n]
+                                         int64_t f0, int64_t n,
+                                         scalar_t* __restrict__ out) {        // [B * k]
+  const int64_t warps = blockDim.x / kWarp;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * warps + threadIdx.x / kWarp;  // column of block
+  if (c >= n) return;
+  const int lane = threadIdx.x % kWarp;
+  const int64_t q1 = rowptr[f0 + c + 1];
+  for (int64_t q = rowptr[f0 + c] + lane; q < q1; q += kWarp) out[pairs[q]] = block[int64_t(rows[q]) * n + c];
+}
+
+template <typename scalar_t>
+void gather_transposed(const FeatureCsr& csr, const scalar_t* block, int64_t f0, int64_t n, scalar_t* out) {
+  if (n <= 0) return;
+  constexpr int threads = 256;
+  const int64_t blocks = ceil_div(n, threads / kWarp);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  DUALENC_LAUNCH(gather_transposed_kernel<scalar_t>, checked_grid(blocks, "gather_transposed_kernel"), threads, 0,
+                 stream)(csr.rowptr.const_data_ptr<int64_t>(), csr.pairs.const_data_ptr<int64_t>(),
+                         csr.rows.const_data_ptr<int>(), block, f0, n, out);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 struct Prims {
   using Csr = FeatureCsr;
   template <typename T>
@@ -585,6 +616,10 @@ struct Prims {
   static void scatter_rows(const Csr& csr, const T* coef, const T* y, T* dW, T* dsum, int64_t F, int64_t k,
                            int64_t d) {
     cuda::scatter_rows<T>(csr, coef, y, dW, dsum, F, k, d);
+  }
+  template <typename T>
+  static void gather_transposed(const Csr& csr, const T* block, int64_t f0, int64_t n, T* out) {
+    cuda::gather_transposed<T>(csr, block, f0, n, out);
   }
 };
 
