@@ -66,8 +66,10 @@ struct Registry {
 };
 
 inline Registry& registry() {
-  static Registry r;
-  return r;
+  // never destroyed: a kept CUDA transpose must not be freed by a static
+  // destructor after the allocator is gone at exit
+  static Registry* r = new Registry;
+  return *r;
 }
 
 inline bool same_storage(const WeakStorage& w, const c10::StorageImpl* impl) {
