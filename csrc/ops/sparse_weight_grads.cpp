@@ -10,6 +10,8 @@
 
 #include <torch/library.h>
 
+#include <string>
+
 #include "checks.h"
 
 namespace dualenc_fast {
@@ -25,7 +27,7 @@ void check_rows(const std::optional<at::Tensor>& t, const char* name, const at::
   check_matches(*t, name, values, "values");
   check_size(*t, name, 0, values.size(0), "values.shape[0] (B)");
   if (d_from) {
-    check_size(*t, name, 1, d, d_from);
+    check_size(*t, name, 1, d, (std::string(d_from) + ".shape[1] (d)").c_str());
   } else {
     d = t->size(1);
     d_from = name;
