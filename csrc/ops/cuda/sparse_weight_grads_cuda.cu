@@ -26,17 +26,20 @@
 // same order, partial sums grouped differently (within rounding).
 //
 // Cost at the paper's shape (B = 4096, d = 3200, F = 50000, k = 1024, n = 512:
-// nnz = 4.19 M pairs, 3.1 M top-n) in float32, the H100 model of
-// primitives.cuh: the pass reads nnz * d * 4 B of grad_dec rows and of x rows
-// (53.7 GB each) and 3.1 M * d * 4 B = 40 GB of grad_lin rows, or none when
-// grad_lin is grad_dec (as in the joint model, where both are dL/drecon):
-// 107-147 GB mostly from L2 (the blocks resident at once share one column
-// slice of the row tensors), 15-27 ms, against three scatter_rows launches
-// reading the same 147 GB plus three CSR builds (three sorts of 4.19 M keys,
-// ~1 ms together). What it saves: the two extra CSRs and launches, and one
-// read of the staged pair data per extra op; the row traffic is the floor of
-// any design that reads rows per pair (the review's §2.6 high-density variant
-// stages column slices of all B rows in shared memory instead).
+// nnz = 4.19 M pairs, 2.1 M of them top-n) in float32, with the H100 model of
+// primitives.cuh; nvcc 13.0 sm_90: 103 registers with 16-byte loads (120
+// plain), no spills, 2 blocks of 224 threads per SM, 2 pairs x 3 rows x
+// 32 B = 192 B in flight per thread (86 KB per SM, over the ~36 KB L2 latency
+// needs). Rows read: grad_dec and x once per pair (53.7 GB each) and grad_lin
+// once per top-n pair (26.8 GB; none when grad_lin is grad_dec, as in the
+// joint model where both are dL/drecon): 107-134 GB, mostly from L2 (the
+// blocks resident at once share one column slice of the rows): 15-24 ms.
+// The three scatter_rows passes it replaces read the same 134 GB (8-10 ms for
+// each 53.7 GB) and build three CSRs (sorts of 4.19 M, 2.1 M and 4.19 M keys);
+// this pass saves those two extra CSRs and launches, the second read of the
+// pair data, and 26.8 GB (4-5 ms) when grad_lin is grad_dec. Any design that
+// reads rows per pair has this floor; the review's high-density variant
+// (column slices of all B rows staged in shared memory) is what goes under it.
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
