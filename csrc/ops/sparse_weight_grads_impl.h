@@ -24,6 +24,7 @@
 #include <optional>
 #include <tuple>
 
+#include "buffer_cache.h"
 #include "ops/sparse_impl.h"
 #include "ops/sparse_weight_grads.h"
 #include "ops/topk_encode.h"
@@ -63,9 +64,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_weight_grads_i
                                                            pre_bias, num_features, n, check_indices);
   const int64_t B = a.B, k = a.k, F = a.F, d = a.d;
   const auto opt = values.options();
-  auto dW_dec = a.dec ? at::empty({F, d}, opt) : at::empty({0}, opt);
-  auto dW_lin = a.lin ? at::empty({F, d}, opt) : at::empty({0}, opt);
-  auto dW_enc = a.enc ? at::empty({F, d}, opt) : at::empty({0}, opt);
+  // the [F, d] results from the CPU buffer cache (pages faulted in once per
+  // process, not once per step; the ordinary allocator on other devices)
+  auto dW_dec = a.dec ? empty_cached({F, d}, opt) : at::empty({0}, opt);
+  auto dW_lin = a.lin ? empty_cached({F, d}, opt) : at::empty({0}, opt);
+  auto dW_enc = a.enc ? empty_cached({F, d}, opt) : at::empty({0}, opt);
   auto db_enc = a.enc ? at::empty({F}, opt) : at::empty({0}, opt);
   const bool lin_pairs = a.lin && n > 0;  // n == 0: dW_lin is zero
   if (a.lin && !lin_pairs) dW_lin.zero_();

@@ -27,10 +27,10 @@
 //
 // Cost at the paper's shape (B = 4096, d = 3200, F = 50000, k = 1024, n = 512:
 // nnz = 4.19 M pairs, 2.1 M of them top-n) in float32, with the H100 model of
-// primitives.cuh; nvcc 13.0 sm_90: 103 registers with 16-byte loads (120
-// plain), no spills, 2 blocks of 224 threads per SM, 2 pairs x 3 rows x
-// 32 B = 192 B in flight per thread (86 KB per SM, over the ~36 KB L2 latency
-// needs). Rows read: grad_dec and x once per pair (53.7 GB each) and grad_lin
+// primitives.cuh; nvcc 13.0 sm_90: 48 registers with 16-byte loads (64
+// plain), no spills, 4 slices of 224 threads, 6 blocks per SM, 2 pairs x 3
+// rows x 16 B = 96 B in flight per thread (129 KB per SM, over the ~36 KB L2
+// latency needs); bfloat16: 80 registers, 2 slices, 3 blocks per SM. Rows read: grad_dec and x once per pair (53.7 GB each) and grad_lin
 // once per top-n pair (26.8 GB; none when grad_lin is grad_dec, as in the
 // joint model where both are dL/drecon): 107-134 GB, mostly from L2 (the
 // blocks resident at once share one column slice of the rows): 15-24 ms.
@@ -50,9 +50,14 @@
 namespace dualenc_fast::cuda {
 namespace {
 
-// Columns per thread and pass: 8 (4 for 8-byte types), as scatter_rows.
+// Columns per thread and pass: one 16-byte vector (4 in float32, 8 in 16
+// bits), half of scatter_rows' 8 float32 columns, so the blocks resident at
+// once share a column slice half as wide: at B = 4096 and d = 3200 in float32,
+// 896 columns, 14.7 MB of each row tensor, 44 MB for all three (29 MB when
+// grad_lin is grad_dec), under the 50 MB L2, where scatter_rows' 1792 columns
+// of one tensor take 29 MB.
 template <typename scalar_t>
-constexpr int kWgCols = 8 / (sizeof(scalar_t) > 4 ? 2 : 1);
+constexpr int kWgCols = kVecWidth<scalar_t>;
 
 // Pairs whose loads are issued before their multiply-adds (three rows each).
 constexpr int kWgPairsInFlight = 2;
