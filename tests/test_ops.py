@@ -1167,7 +1167,7 @@ def test_sparse_weight_grads_recorded_form_bitwise(form, dtype):
     the dense form in many row blocks (16-bit sums widened to float32 across
     blocks) and in one; at a size where the CPU pass splits the features
     over threads, with repeated indices."""
-    B, d, F, k = 300, 37, 50, 9
+    B, d, F, k = 300, 37, 400, 9  # 400 features: several parallel tasks (about 73 features each)
     c, gvals = wg_inputs(B, d, F, k, dtype, seed=5, repeats=True)
     for n in (0, 4, k):
         got = wg_call(c, F, n, sparse_form=form)
