@@ -21,10 +21,12 @@
 #             and the top-k select, on the large CUDA tests
 #   sweep     sparse_decode gather vs dense at P's shape over k (the "auto"
 #             thresholds of ops.set_sparse_strategy)
+#   wgrad     sparse_weight_grads against the three weight-gradient ops it
+#             replaces, gather form, at S and P (float32, bfloat16)
 # Everything printed is also written under bench/results/gpu-<device>-<date>/,
 # and, where $OUT is set (the device tool), copied to $OUT/<that name>/ and packed
 # into $OUT/gpu-results.tgz.
-#   PYTHON=python3 bash bench/gpu_check.sh [build,test,bench,sanitize,c1,ncu,sweep]
+#   PYTHON=python3 bash bench/gpu_check.sh [build,test,bench,sanitize,c1,ncu,sweep,wgrad]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -134,6 +136,15 @@ if want ncu; then
   else
     log "ncu: not found"
   fi
+fi
+
+if want wgrad; then
+  for cfg in S P; do
+    for dt in float32 bfloat16; do
+      log "wgrad: sparse_weight_grads vs the three ops, $cfg $dt"
+      run "wgrad-$cfg-$dt" 90 "$PY" bench/weight_grads_timing.py --device cuda --config "$cfg" --dtype "$dt"
+    done
+  done
 fi
 
 if want sweep; then

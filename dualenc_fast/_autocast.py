@@ -19,6 +19,7 @@ OPS = (
     "sparse_decode", "sparse_decode_backward",
     "fm_interaction", "fm_interaction_backward",
     "integration_mlp", "integration_mlp_backward",
+    "sparse_weight_grads",
 )
 DEVICE_TYPES = ("cpu", "cuda")
 

@@ -43,6 +43,7 @@ __all__ = [
     "sparse_decode",
     "sparse_strategy",
     "sparse_strategy_scope",
+    "sparse_weight_grads",
     "topk_encode",
     "topn_reselect",
     "uses_dense_path",
@@ -325,6 +326,67 @@ def _sparse_decode_backward(ctx, grad):
 torch.library.register_autograd(
     "dualenc_fast::sparse_decode", _sparse_decode_backward, setup_context=_sparse_decode_setup
 )
+
+
+# --------------------------------------------------------------------------- sparse_weight_grads
+def sparse_weight_grads(
+    indices: Tensor,
+    values: Tensor,
+    grad_pre: Optional[Tensor],
+    grad_dec: Optional[Tensor],
+    grad_lin: Optional[Tensor],
+    x: Optional[Tensor],
+    pre_bias: Optional[Tensor],
+    num_features: int,
+    n: int,
+    *,
+    check_indices: bool = True,
+    sparse_form: int = -1,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The weight gradients of every product of one sparse code in one
+    feature-major pass over one transpose of the code (a gradient op: no
+    autograd formula). Sums over the pairs (b, j) with ``indices[b, j] = i``:
+
+    - ``dW_dec[i] = sum values[b, j] * grad_dec[b]`` (sparse_decode's dW);
+    - ``dW_lin[i]``: the same over the pairs with ``j < n``, with ``grad_lin``
+      (the NFM linear part on the top-n code: rows of ``values`` are sorted
+      descending, so the top n are the first n columns);
+    - ``dW_enc[i] = sum grad_pre[b, j] * (x[b] - pre_bias)``,
+      ``db_enc[i] = sum grad_pre[b, j]`` (topk_encode's dW and db, with
+      ``grad_pre`` the gradient of the selected pre-activations, ReLU mask
+      applied: ``threshold_backward(grad_values, values, 0)``).
+
+    indices [B, k] int64, values and grad_pre [B, k], grad_dec, grad_lin and x
+    [B, d], pre_bias [d]; 0 <= n <= k; every float tensor one dtype, one
+    device. Returns ``(dW_dec [F, d], dW_lin [F, d], dW_enc [F, d],
+    db_enc [F])`` with F = num_features; a gradient whose input is None comes
+    back as an empty [0] tensor (dW_enc and db_enc need grad_pre and x).
+    Each result equals the existing op's (sparse_decode_backward's dW,
+    topk_encode_backward's dW and db) in the same form. ``sparse_form``: the
+    gather/dense form the forward recorded (see sparse_decode_backward), or -1
+    for the current strategy's pick; ``check_indices=False`` skips the range
+    check of ``indices`` (a device sync on CUDA).
+    """
+    return _ops.sparse_weight_grads.default(
+        indices, values, grad_pre, grad_dec, grad_lin, x, pre_bias, int(num_features), int(n),
+        bool(check_indices), int(sparse_form),
+    )
+
+
+@torch.library.register_fake("dualenc_fast::sparse_weight_grads")
+def _sparse_weight_grads_fake(indices, values, grad_pre, grad_dec, grad_lin, x, pre_bias, num_features, n,
+                              check_indices=True, sparse_form=-1):
+    torch._check(0 <= n <= values.shape[1], lambda: f"sparse_weight_grads: need 0 <= n <= k, got n={n}")
+    rows = next((t for t in (grad_dec, grad_lin, x) if t is not None), None)
+    d = rows.shape[1] if rows is not None else 0
+    empty = values.new_empty((0,))
+    enc = grad_pre is not None and x is not None
+    return (
+        values.new_empty((num_features, d)) if grad_dec is not None else empty,
+        values.new_empty((num_features, d)) if grad_lin is not None else values.new_empty((0,)),
+        values.new_empty((num_features, d)) if enc else values.new_empty((0,)),
+        values.new_empty((num_features,)) if enc else values.new_empty((0,)),
+    )
 
 
 # --------------------------------------------------------------------------- dense_code

@@ -512,6 +512,147 @@ def test_feature_major_unaligned_rows(dtype, seed):
         assert torch.equal(got[0], got[2])
 
 
+# --------------------------------------------------------------------------- sparse_weight_grads
+# One launch over one FeatureCsr of the code makes dW_dec, dW_lin (pairs with
+# j < n), dW_enc and db_enc. dW_dec, dW_enc and db_enc sum each column in the
+# order of scatter_rows (the same CSR, the same work items), so they are the
+# bits of sparse_decode_backward and topk_encode_backward; dW_lin is too for
+# features with one work item, and within rounding for features whose pairs
+# span several items (the [B, n] code's own CSR cuts them elsewhere).
+def wg_inputs(gen, B, d, F, k, dtype, heavy=False):
+    if heavy:
+        v, idx = heavy_code(gen, B, k, F)
+        v[::3] = -v[::3]
+    else:
+        v, idx = random_code(gen, B, k, F, repeats=True)
+    v, order = torch.sort(v, dim=1, descending=True, stable=True)
+    idx = idx.gather(1, order)
+    gvals = rnd(gen, B, k).to(dtype)
+    v = v.to(dtype)
+    c = dict(indices=idx, values=v, grad_pre=torch.ops.aten.threshold_backward(gvals, v, 0),
+             grad_dec=rnd(gen, B, d).to(dtype), grad_lin=rnd(gen, B, d).to(dtype), x=rnd(gen, B, d).to(dtype),
+             pre_bias=rnd(gen, d).to(dtype))
+    return c, gvals
+
+
+def wg_call(c, F, n, form=-1):
+    return E.sparse_weight_grads(c["indices"], c["values"], c["grad_pre"], c["grad_dec"], c["grad_lin"], c["x"],
+                                 c["pre_bias"], F, n, True, form)
+
+
+def wg_existing(c, gvals, F, n, form=-1):
+    v, idx, d = c["values"], c["indices"], c["grad_dec"].shape[1]
+    W = v.new_zeros(F, d)
+    _, dec = E.sparse_decode_backward(c["grad_dec"], v, idx, W, False, True, True, form)
+    lin = (E.sparse_decode_backward(c["grad_lin"], v[:, :n].contiguous(), idx[:, :n].contiguous(), W, False, True,
+                                    True, form)[1] if n else W.clone())
+    _, enc, db = E.topk_encode_backward(gvals, v, idx, c["x"], W, c["pre_bias"], False, True, True, form)
+    return dec, lin, enc, db
+
+
+def wg_reference(c, F, n):
+    return R.sparse_weight_grads(**{key: (val.double() if val.is_floating_point() else val) for key, val in c.items()},
+                                 num_features=F, n=n)
+
+
+def wg_check(got, c, gvals, F, n, dtype, lin_bitwise=True, form=-1):
+    ref = wg_reference(c, F, n)
+    B = c["values"].shape[0]
+    for a, r in zip(got, ref):
+        assert a.dtype == dtype and a.shape == r.shape
+        close(a, r, dtype, scale=math.sqrt(max(B, 1)))
+    want = wg_existing(c, gvals, F, n, form)
+    for name, a, b in zip(("dW_dec", "dW_lin", "dW_enc", "db_enc"), got, want):
+        if name == "dW_lin" and not lin_bitwise:
+            close(a, b, dtype, scale=math.sqrt(B))
+        else:
+            assert torch.equal(a, b), (name, n)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_sparse_weight_grads(dtype, seed, form):
+    """The op's shapes (d = 1, odd d, k = F, B = 0, repeated indices), n in
+    {0, 1, k}: against the reference, and the bits of the three ops."""
+    g = torch.Generator().manual_seed(31)
+    for B, d, F, k, _ in SHAPES:
+        c, gvals = wg_inputs(g, B, d, F, k, dtype)
+        for n in sorted({0, 1, k}):
+            wg_check(wg_call(c, F, n), c, gvals, F, n, dtype)
+
+
+# (B, d, F, k): features 0 and 1 span several work items (B > 256); a width
+# of one slice with 16-byte loads (300), d = 1 and odd d (plain loads), and a
+# width of several column slices (4100: more columns than 256 threads x 8).
+WG_HEAVY = [(600, 300, 20, 8), (300, 1, 20, 8), (300, 33, 20, 8), (40, 4100, 5, 3)]
+
+
+@pytest.mark.parametrize("shape", WG_HEAVY, ids=[f"B{b}_d{d}_F{f}_k{k}" for b, d, f, k in WG_HEAVY])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_sparse_weight_grads_work_items_and_slices(shape, dtype, seed):
+    B, d, F, k = shape
+    g = torch.Generator().manual_seed(B + d)
+    c, gvals = wg_inputs(g, B, d, F, k, dtype, heavy=True)
+    with emu.strategy_scope("gather"):
+        for n in (1, k // 2 + 1):
+            # B > 256: features 0 and 1 have several items here, and their
+            # top-n pairs are cut elsewhere in the [B, n] code's own CSR
+            wg_check(wg_call(c, F, n), c, gvals, F, n, dtype, lin_bitwise=B <= 256)
+
+
+def test_sparse_weight_grads_bitwise_across_schedules():
+    """The same bits under every schedule and on a second run; grad_lin given
+    as grad_dec itself (one load serves both) gives the bits of a copy."""
+    g = torch.Generator().manual_seed(8)
+    for B, d, F, k in [(600, 300, 20, 8), (40, 4100, 5, 3)]:
+        for dtype in (torch.float32, torch.bfloat16):
+            c, _ = wg_inputs(g, B, d, F, k, dtype, heavy=True)
+            runs = []
+            with emu.strategy_scope("gather"):
+                for s in (0, 1, 2, 3, 0):
+                    with emu.schedule(s):
+                        runs.append(wg_call(c, F, 3))
+                same = wg_call(dict(c, grad_lin=c["grad_dec"]), F, 3)
+                copy = wg_call(dict(c, grad_lin=c["grad_dec"].clone()), F, 3)
+            for other in runs[1:]:
+                for a, b in zip(runs[0], other):
+                    assert torch.equal(a, b)
+            for a, b in zip(same, copy):
+                assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_sparse_weight_grads_unaligned_rows(dtype, seed):
+    """grad_dec, grad_lin or x off a 16-byte boundary: the plain loads (the
+    emulator raises on a misaligned vector access), the same bits; an offset
+    of whole vectors keeps the vector loads."""
+    g = torch.Generator().manual_seed(9)
+    B, d, F, k = 300, 64, 6, 4
+    c, _ = wg_inputs(g, B, d, F, k, dtype, heavy=True)
+    with emu.strategy_scope("gather"):
+        want = wg_call(c, F, 2)
+        vec = 16 // c["x"].element_size()
+        for name, off in [("grad_dec", 1), ("grad_lin", vec // 2), ("x", 1), ("x", vec)]:
+            c2 = dict(c, **{name: offset_view(c[name], off)})
+            assert c2[name].is_contiguous()
+            for a, b in zip(wg_call(c2, F, 2), want):
+                assert torch.equal(a, b), (name, off)
+
+
+def test_sparse_weight_grads_absent_inputs_and_errors():
+    g = torch.Generator().manual_seed(10)
+    c, _ = wg_inputs(g, 30, 12, 25, 5, torch.float32)
+    with emu.strategy_scope("gather"):
+        full = wg_call(c, 25, 3)
+        for drop, empty in [("grad_dec", (0,)), ("grad_lin", (1,)), ("grad_pre", (2, 3)), ("x", (2, 3))]:
+            got = wg_call(dict(c, **{drop: None}), 25, 3)
+            for o in range(4):
+                assert got[o].shape == (0,) if o in empty else torch.equal(got[o], full[o]), (drop, o)
+    with pytest.raises(ValueError, match=r"'n' must satisfy 0 <= n <= k = 5"):
+        wg_call(c, 25, 6)
+    with pytest.raises(IndexError, match=r"'indices' must hold feature indices in \[0, 10\)"):
+        wg_call(c, 10, 2)
+
+
 # --------------------------------------------------------------------------- integration_mlp
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 def test_integration_mlp(dtype, seed):

@@ -1058,6 +1058,18 @@ for dt in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
         Er = E.detach().double().requires_grad_()
         (rgE,) = torch.autograd.grad(R.fm_interaction(v.double(), idx, Er), [Er], upk.double())
         torch.testing.assert_close(gE.double(), rgE, atol=atol * 4, rtol=rtol * 4)
+        # sparse_weight_grads' one pass (three blocks of sums at once): the bits of the separate ops
+        gl, pb = torch.randn(B, d, generator=g, dtype=torch.float64).to(dt), b
+        gp = torch.ops.aten.threshold_backward(upv, vo, 0)
+        n = 3
+        with ops.sparse_strategy_scope("gather"):
+            got = ops.sparse_weight_grads(io, vo, gp, up, gl, x, pb, F, n)
+            Z = torch.zeros(F, d, dtype=dt)
+            _, w1 = torch.ops.dualenc_fast.sparse_decode_backward(up, vo, io, Z, False, True)
+            _, w2 = torch.ops.dualenc_fast.sparse_decode_backward(gl, vo[:, :n].contiguous(), io[:, :n].contiguous(), Z, False, True)
+            _, w3, b3 = torch.ops.dualenc_fast.topk_encode_backward(upv, vo, io, x, Z, pb, False, True)
+        for a_, b_ in zip(got, (w1, w2, w3, b3)):
+            assert torch.equal(a_, b_), (dt, d)
 print("ok")
 """
 
@@ -1222,3 +1234,169 @@ def test_dense_dvalues_in_feature_chunks(device, dtype):
         ops.set_dense_dv_block_bytes(before)
     with pytest.raises(ValueError, match="'nbytes' must be an int >= 0"):
         ops.set_dense_dv_block_bytes(-1)
+
+
+# --------------------------------------------------------------------------- sparse_weight_grads
+WG_DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+
+
+def wg_inputs(B, d, F, k, dtype, seed, repeats=False, device="cpu"):
+    """A code with rows sorted by value (as topk_encode gives) and every input
+    of sparse_weight_grads; grad_values is the encoder's upstream before the
+    ReLU mask, grad_pre the masked one (a third of the values are <= 0)."""
+    g = torch.Generator().manual_seed(seed)
+    values, indices = random_code(B, k, F, device, torch.float64, g, repeats)
+    values[::3] = -values[::3].abs()
+    values, order = torch.sort(values, dim=1, descending=True, stable=True)
+    indices = indices.gather(1, order)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)  # noqa: E731
+    grad_values = r(B, k)
+    values = values.to(dtype)
+    grad_pre = torch.ops.aten.threshold_backward(grad_values, values, 0)
+    return dict(indices=indices, values=values, grad_pre=grad_pre, grad_dec=r(B, d), grad_lin=r(B, d), x=r(B, d),
+                pre_bias=r(d)), grad_values
+
+
+def wg_call(c, F, n, **kw):
+    return ops.sparse_weight_grads(c["indices"], c["values"], c["grad_pre"], c["grad_dec"], c["grad_lin"], c["x"],
+                                   c["pre_bias"], F, n, **kw)
+
+
+def wg_existing(c, grad_values, F, n, form=-1):
+    """What the three separate ops give: sparse_decode_backward's dW on the code
+    and on its first n columns, topk_encode_backward's dW and db."""
+    v, idx, d = c["values"], c["indices"], c["grad_dec"].shape[1]
+    W = v.new_zeros(F, d)
+    _, dec = _dualenc.sparse_decode_backward(c["grad_dec"], v, idx, W, False, True, True, form)
+    if n > 0:
+        _, lin = _dualenc.sparse_decode_backward(c["grad_lin"], v[:, :n].contiguous(), idx[:, :n].contiguous(), W,
+                                                 False, True, True, form)
+    else:
+        lin = W.clone()
+    _, enc, db = _dualenc.topk_encode_backward(grad_values, v, idx, c["x"], W, c["pre_bias"], False, True, True,
+                                               form)
+    return dec, lin, enc, db
+
+
+_dualenc = torch.ops.dualenc_fast
+
+
+@pytest.mark.parametrize("dtype", WG_DTYPES, ids=["f64", "f32", "bf16", "f16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("repeats", [False, True])
+def test_sparse_weight_grads_matches_reference_and_existing_ops(dtype, shape, repeats, strategy):
+    """Against the reference (float64, with tolerance), and bit for bit against
+    the three ops it replaces, in the same form, for n in {0, 1, k}."""
+    B, d, F, k, _ = shape
+    c, gvals = wg_inputs(B, d, F, k, dtype, seed=B * 31 + d + k, repeats=repeats)
+    t = tol(dtype)
+    for n in sorted({0, 1, k}):
+        got = wg_call(c, F, n)
+        ref = R.sparse_weight_grads(**{key: (val.double() if val.is_floating_point() else val)
+                                       for key, val in c.items()}, num_features=F, n=n)
+        scale = max(1.0, B ** 0.5)
+        for a, b in zip(got, ref):
+            assert a.dtype == dtype and a.shape == b.shape
+            torch.testing.assert_close(a.double(), b, atol=t["atol"] * scale, rtol=t["rtol"])
+        for name, a, b in zip(("dW_dec", "dW_lin", "dW_enc", "db_enc"), got, wg_existing(c, gvals, F, n)):
+            assert torch.equal(a, b), (name, n)
+
+
+@pytest.mark.parametrize("form", [0, 64, 1 << 20], ids=["gather", "dense_rows_of_64B", "dense_one_block"])
+@pytest.mark.parametrize("dtype", WG_DTYPES, ids=["f64", "f32", "bf16", "f16"])
+def test_sparse_weight_grads_recorded_form_bitwise(form, dtype):
+    """An explicit sparse_form (the one a forward recorded): the gather pass,
+    the dense form in many row blocks (16-bit sums widened to float32 across
+    blocks) and in one; at a size where the CPU pass splits the features
+    over threads, with repeated indices."""
+    B, d, F, k = 300, 37, 400, 9  # 400 features: several parallel tasks (about 73 features each)
+    c, gvals = wg_inputs(B, d, F, k, dtype, seed=5, repeats=True)
+    for n in (0, 4, k):
+        got = wg_call(c, F, n, sparse_form=form)
+        for a, b in zip(got, wg_existing(c, gvals, F, n, form)):
+            assert torch.equal(a, b)
+
+
+def test_sparse_weight_grads_absent_inputs(strategy):
+    """A None input gives an empty [0] result for its gradient(s), the others
+    the very bits of the full call; grad_lin may be grad_dec itself."""
+    c, _ = wg_inputs(20, 11, 30, 6, torch.float32, seed=3)
+    full = wg_call(c, 30, 4)
+    for drop in ("grad_dec", "grad_lin", "grad_pre", "x", "pre_bias"):
+        c2 = dict(c, **{drop: None})
+        got = wg_call(c2, 30, 4)
+        for name, a, b in zip(("grad_dec", "grad_lin", "grad_pre", "grad_pre"), got, full):
+            absent = c2[name] is None or (name == "grad_pre" and c2["x"] is None)
+            if absent:
+                assert a.shape == (0,), (drop, name)
+            elif drop != "pre_bias":
+                assert torch.equal(a, b), (drop, name)
+    # without pre_bias: the encoder's rows are x itself
+    c3 = dict(c, pre_bias=None)
+    enc = wg_call(c3, 30, 4)[2]
+    ref = R.sparse_weight_grads(**c3, num_features=30, n=4)[2]
+    torch.testing.assert_close(enc, ref)
+    none = wg_call(dict(c, grad_dec=None, grad_lin=None, grad_pre=None, x=None, pre_bias=None), 30, 4)
+    assert all(t.shape == (0,) for t in none)
+    # one tensor for both decoders (the joint model's dL/drecon)
+    same = wg_call(dict(c, grad_lin=c["grad_dec"]), 30, 4)
+    sep = wg_call(dict(c, grad_lin=c["grad_dec"].clone()), 30, 4)
+    for a, b in zip(same, sep):
+        assert torch.equal(a, b)
+
+
+def test_sparse_weight_grads_noncontiguous_and_d0():
+    c, _ = wg_inputs(9, 8, 15, 4, torch.float32, seed=4)
+    want = wg_call(c, 15, 2)
+    nc = {k_: (torch.stack([v, v], 2)[..., 0] if v.dim() == 2 else v) for k_, v in c.items()}
+    assert not nc["grad_dec"].is_contiguous()
+    for a, b in zip(wg_call(nc, 15, 2), want):
+        assert torch.equal(a, b)
+    z = {k_: (v[:, :0] if k_ in ("grad_dec", "grad_lin", "x") else v[:0] if k_ == "pre_bias" else v)
+         for k_, v in c.items()}
+    dec, lin, enc, db = wg_call(z, 15, 2)
+    assert dec.shape == lin.shape == enc.shape == (15, 0)
+    assert torch.equal(db, want[3])
+
+
+@pytest.mark.parametrize("case", range(3))
+def test_sparse_weight_grads_opcheck(case, strategy):
+    c, _ = wg_inputs(6, 5, 9, 3, torch.float64, seed=12, repeats=True)
+    args = [
+        (c["indices"], c["values"], c["grad_pre"], c["grad_dec"], c["grad_lin"], c["x"], c["pre_bias"], 9, 2),
+        (c["indices"], c["values"], None, c["grad_dec"], None, None, None, 9, 3, False, 0),
+        (c["indices"], c["values"], c["grad_pre"], None, c["grad_lin"], c["x"], None, 9, 0, True, 64),
+    ][case]
+    torch.library.opcheck(_dualenc.sparse_weight_grads.default, args)
+
+
+def wg_bad_cases():
+    c, _ = wg_inputs(4, 6, 9, 3, torch.float32, seed=1)
+
+    def call(F=9, n=2, **kw):
+        return wg_call(dict(c, **kw), F, n)
+
+    return [
+        (lambda: call(n=4), ValueError, r"'n' must satisfy 0 <= n <= k = 3 \(values.shape\[1\]\), got n = 4"),
+        (lambda: call(n=-1), ValueError, r"'n' must satisfy 0 <= n <= k = 3"),
+        (lambda: call(F=-1), ValueError, r"'num_features' must be >= 0, got -1"),
+        (lambda: call(F=5), IndexError, r"'indices' must hold feature indices in \[0, 5\)"),
+        (lambda: call(indices=c["indices"].int()), TypeError, r"'indices' must be an int64 tensor"),
+        (lambda: call(values=c["values"][:, :2]), ValueError, r"'indices' must have the shape of 'values'"),
+        (lambda: call(grad_pre=c["grad_pre"][:, :2]), ValueError, r"'grad_pre' must have the shape of 'values'"),
+        (lambda: call(grad_pre=c["grad_pre"].double()), TypeError, r"'grad_pre' must have the dtype of 'values'"),
+        (lambda: call(grad_dec=c["grad_dec"][:3]), ValueError, r"'grad_dec' dim 0 must equal values.shape\[0\] \(B\) = 4"),
+        (lambda: call(grad_lin=c["grad_lin"][:, :5]), ValueError, r"'grad_lin' dim 1 must equal grad_dec.shape\[1\] \(d\) = 6"),
+        (lambda: call(grad_dec=None, x=c["x"][:, :5]), ValueError, r"'x' dim 1 must equal grad_lin.shape\[1\] \(d\) = 6"),
+        (lambda: call(x=c["x"].half()), TypeError, r"'x' must have the dtype of 'values'"),
+        (lambda: call(grad_dec=c["grad_dec"][0]), ValueError, r"'grad_dec' must have shape \[B, d\]"),
+        (lambda: call(pre_bias=c["pre_bias"][:4]), ValueError, r"'pre_bias' dim 0 must equal grad_dec.shape\[1\] \(d\) = 6"),
+        (lambda: call(values=c["values"].long()), TypeError, r"'values' must be a floating-point tensor"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(15))
+def test_sparse_weight_grads_bad_input_raises_naming_argument(case):
+    fn, exc, pattern = wg_bad_cases()[case]
+    with pytest.raises(exc, match=pattern):
+        fn()

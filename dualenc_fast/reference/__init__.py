@@ -9,6 +9,7 @@ from .functional import (
     integration_mlp,
     select_topk,
     sparse_decode,
+    sparse_weight_grads,
     topk_encode,
     topn_reselect,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "integration_mlp",
     "select_topk",
     "sparse_decode",
+    "sparse_weight_grads",
     "topk_encode",
     "topn_reselect",
     "JointSAENFM",

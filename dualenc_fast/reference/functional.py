@@ -121,3 +121,50 @@ def dense_code(values: Tensor, indices: Tensor, num_features: int) -> Tensor:
     """Scatter a sparse code into the dense ``[B, F]`` layout (zeros elsewhere)."""
     out = values.new_zeros(values.shape[:-1] + (num_features,))
     return out.scatter_add(-1, indices, values)
+
+
+def sparse_weight_grads(
+    indices: Tensor,  # [B, k] int64
+    values: Tensor,  # [B, k]
+    grad_pre: Optional[Tensor],  # [B, k] or None
+    grad_dec: Optional[Tensor],  # [B, d] or None
+    grad_lin: Optional[Tensor],  # [B, d] or None
+    x: Optional[Tensor],  # [B, d] or None
+    pre_bias: Optional[Tensor],  # [d] or None
+    num_features: int,
+    n: int,
+    *,
+    check_indices: bool = True,  # accepted for parity with the op; index_add_ checks anyway
+    sparse_form: int = -1,  # accepted for parity with the op
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The weight gradients of every product of one sparse code, each a sum
+    over the pairs (b, j) with ``indices[b, j] = i``:
+
+    - ``dW_dec[i] = sum values[b, j] * grad_dec[b]``  (sparse_decode's dW);
+    - ``dW_lin[i]``: the same over the pairs with ``j < n``, with ``grad_lin``
+      (the NFM linear part on the code's first n columns);
+    - ``dW_enc[i] = sum grad_pre[b, j] * (x[b] - pre_bias)`` and
+      ``db_enc[i] = sum grad_pre[b, j]`` (the encoder's, ``grad_pre`` the
+      gradient of the selected pre-activations).
+
+    Returns ``(dW_dec [F, d], dW_lin [F, d], dW_enc [F, d], db_enc [F])``; a
+    gradient whose input is None is an empty ``[0]`` tensor (dW_enc and db_enc
+    need grad_pre and x).
+    """
+    F = num_features
+    flat = indices.reshape(-1)
+
+    def scatter(coef: Tensor, idx: Tensor, rows: Tensor) -> Tensor:  # [B, k'], [B, k'], [B, d] -> [F, d]
+        terms = coef.unsqueeze(-1) * rows.unsqueeze(1)  # [B, k', d]
+        return rows.new_zeros((F, rows.shape[1])).index_add_(0, idx.reshape(-1), terms.reshape(-1, rows.shape[1]))
+
+    empty = values.new_empty((0,))
+    dec = scatter(values, indices, grad_dec) if grad_dec is not None else empty
+    lin = scatter(values[:, :n], indices[:, :n], grad_lin) if grad_lin is not None else empty
+    if grad_pre is not None and x is not None:
+        xe = x - pre_bias if pre_bias is not None else x
+        enc = scatter(grad_pre, indices, xe)
+        db = values.new_zeros((F,)).index_add_(0, flat, grad_pre.reshape(-1))
+    else:
+        enc, db = empty, empty
+    return dec, lin, enc, db
