@@ -1400,3 +1400,19 @@ def test_sparse_weight_grads_bad_input_raises_naming_argument(case):
     fn, exc, pattern = wg_bad_cases()[case]
     with pytest.raises(exc, match=pattern):
         fn()
+
+
+def test_sparse_weight_grads_shares_the_code_transpose():
+    """sparse_weight_grads walks the transpose another product of the same code
+    built (and builds it for them when it runs first)."""
+    torch.manual_seed(7)
+    B, d, F, k = 11, 8, 60, 5
+    x, w, b = torch.randn(B, d), torch.randn(F, d), torch.randn(F)
+    v, idx = ops.topk_encode(x, w, b, k)
+    g = torch.randn(B, d)
+    ops._shared_transpose_stats(reset=True)
+    with ops.sparse_strategy_scope("gather"):
+        dw = torch.ops.dualenc_fast.sparse_decode_backward(g, v, idx, w, False, True, False, 0)[1]
+        dw2 = ops.sparse_weight_grads(idx, v, None, g, None, None, None, F, k)[0]
+    assert ops._shared_transpose_stats() == (1, 1)
+    assert torch.equal(dw, dw2)
