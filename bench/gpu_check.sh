@@ -17,8 +17,9 @@
 #   c1        dualenc bench at C1 on the GPU
 #   ncu       Nsight Compute speed-of-light of the work-item scatter kernels
 #             and the top-k select, on the large CUDA tests
-#   sweep     sparse_decode gather vs dense at P's shape over k (the "auto"
-#             thresholds of ops.set_sparse_strategy)
+#   sweep     sparse_decode gather vs dense at P's shape over k, and its
+#             forward alone in the gather, dense and tiled forms (the "auto"
+#             thresholds of ops.set_sparse_strategy, tiled_* included)
 # Everything printed is also written under bench/results/gpu-<device>-<date>/,
 # and, where $OUT is set (the device tool), copied to $OUT/<that name>/ and packed
 # into $OUT/gpu-results.tgz.
@@ -136,7 +137,7 @@ fi
 
 if want sweep; then
   for dt in bfloat16 float32; do
-    log "sweep: gather vs dense at P's shape, $dt"
+    log "sweep: gather vs dense (forward + backward; forward alone with tiled) at P's shape, $dt"
     run "sweep-P-$dt" 150 "$PY" -m dualenc_fast.cli bench --config P --device cuda --dtype "$dt" --paths '' \
       --no-memory --repeats 5 --sweep-k 64,256,512,1024,2048,4096 --out "$out/sweep-P-$dt.json"
   done
