@@ -50,10 +50,10 @@ struct SparseStrategy {
   //   (bfloat16 at P: 26.8 GB, ~10 ms);
   // - the tiled form reads (B/R)*F*d elements from L2 into shared memory
   //   (R = min(B, kTiledRows) rows share each staged element; P, bf16: 5.1 GB,
-  //   0.7-0.9 ms), then B*k*d from shared memory, and issues ~14 instructions
-  //   per (pair, warp slice of 128 columns) plus ~12 per (row, feature chunk,
-  //   slice): ~1.8 G warp-instructions at P, ~1.5-2 ms; the review's byte
-  //   estimate is 0.75-1 ms.
+  //   0.7-0.9 ms), then B*k*d from shared memory, and issues 14.75 sm_90
+  //   instructions per (pair, warp slice of 128 columns) plus ~15 per (row,
+  //   feature chunk, slice): ~1.95 G warp-instructions at P, ~2 ms, the bound
+  //   (float32 about the same); the review's byte estimate is 0.75-1 ms.
   // So per pair and column the tiled form costs about 1/(u * 6 TB/s) of L2
   // bytes plus its fixed shared-memory/issue part, with u = k*R/F the pairs
   // served by each staged element, against ~1/(2.7 TB/s) for the gather:
@@ -64,9 +64,10 @@ struct SparseStrategy {
   double tiled_min_reuse = 2.0;
   // Against the dense GEMM, whose time does not depend on k: the tiled form
   // scales with k, the GEMM with F. 16-bit (and TF32) tensor-core GEMMs take
-  // 1.64-2.0 ms at P (k/F = 0.02) against 0.75-2 ms for the tiled form, so
-  // the crossover is near k/F = 0.02-0.04; SIMT float32 GEMMs take 22-26 ms
-  // against ~1.5-2 ms, a crossover near k/F = 0.25. "auto" takes the tiled
+  // 1.64-2.0 ms at P (k/F = 0.02) against 0.75-1 ms (the review's bytes) to
+  // ~2 ms (the instruction count) for the tiled form, so the crossover is
+  // near k/F = 0.02-0.04 (0.03 taken, with the review); SIMT float32 GEMMs take 22-26 ms
+  // against ~2 ms, a crossover near k/F = 0.25. "auto" takes the tiled
   // form below these densities (the sweep stage of bench/gpu_check.sh times
   // the three forms at P over k to settle them).
   double tiled_max_density = 0.03;

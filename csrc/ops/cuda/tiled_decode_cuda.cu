@@ -17,8 +17,9 @@
 // of its warp's rows: 64 float32 accumulators in registers. The weight table's
 // [C, S] chunks stream through two shared-memory buffers: while chunk c is
 // consumed from one, chunk c + 1 is loaded (16-byte loads where the rows
-// allow, issued before the arithmetic) and stored into the other, one barrier
-// per chunk. For chunk c each warp walks its rows in order; a row's pairs in
+// allow; half of it issued before the first half of the rows' arithmetic and
+// stored after it, the other half around the second half of the rows) and
+// stored into the other, one barrier per chunk. For chunk c each warp walks its rows in order; a row's pairs in
 // the chunk, [starts[b][c], starts[b][c + 1]), are loaded by its lanes (one
 // pair each, up to 32 at a time, the next row's first batch issued before the
 // current row's arithmetic) and broadcast by shuffles; for each pair every
@@ -38,17 +39,23 @@
 // features in 16-bit dtypes, 96 in float32 and float64.
 //
 // Cost at P in bfloat16 (B = 4096, d = 3200, F = 50000, k = 1024, 16 tiles x
-// 25 slices = 400 blocks of 512 threads, one per SM): L2 -> shared memory
-// (B/R)*F*d*2 B = 5.1 GB, 0.7-0.9 ms; shared-memory reads B*k*d*2 B = 26.8 GB,
-// ~0.9 ms; issue ~14 warp-instructions per (pair, slice) (2 shuffles, the
-// address, one 8-byte shared load, 4 conversions, 4 FMAs, the loop) x 105 M
-// plus ~12 per (row, chunk, slice) x 27 M: ~1.8 G, ~2 ms at 927 G/s, the
-// bound. float32: 10 per (pair, slice) and C = 96: ~1.7 G, ~1.8 ms (reads
-// 10.2 GB from L2 and 53.7 GB from shared memory). It replaces the gather's
-// 26.8 GB (bf16, ~10 ms) / 53.7 GB (fp32, 15-22 ms) of random weight rows, or
-// the dense form (bf16 1.64-2.0 ms, fp32 SIMT 22-26 ms). Host preparation:
-// a segmented sort of [B, k] indices, a gather and a searchsorted of
-// B*(chunks + 1) boundaries, small against the kernel.
+// 25 slices = 400 blocks of 512 threads, one per SM: 128 registers, 96 KiB of
+// shared memory; H100 figures of KERNELS.md and the review): L2 -> shared
+// memory (B/R)*F*d*2 B = 5.1 GB, 0.7-0.9 ms; shared-memory reads B*k*d*2 B =
+// 26.8 GB, ~0.9 ms. Issue (nvcc 13.0 sm_90 SASS): the pair loop, unrolled by
+// 4, is 59 instructions per 4 pairs (8 SHFL, 4 LDS.64, 16 conversions, 16
+// FFMA, addresses, loop), 14.75 per (pair, slice) x B*k*d/128 = 105 M: 1.55 G,
+// plus ~15 per (row, chunk, slice) x 27 M: 0.4 G; ~1.95 G at 927 G
+// warp-instructions/s is ~2.1 ms, the bound (shuffles: 2 per (pair, slice)
+// at one warp-shuffle per SM-cycle, 0.9 ms). float32: 43 per 4 pairs, C = 96:
+// 1.13 G + 0.8 G, also ~2 ms (L2 10.2 GB, shared memory 53.7 GB, 1.8 ms).
+// The review's byte-only estimate is 0.75-1 ms in bf16. It replaces the
+// gather's 26.8 GB (bf16, ~10 ms) / 53.7 GB (fp32, 15-22 ms) of random weight
+// rows, or the dense form (bf16 1.64-2.0 ms, fp32 SIMT 22-26 ms). sm_90: no
+// spills except 4 bytes in the float32 16-byte path. Host preparation: a
+// segmented sort of the [B, k] indices, a gather and a searchsorted of
+// B*(chunks + 1) boundaries (B*(chunks + 1)*4 B = 4.3 MB at P), small
+// against the kernel.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -63,6 +70,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <type_traits>
 
@@ -106,7 +114,10 @@ __global__ void __launch_bounds__(kTiledThreads) tiled_decode_kernel(
   constexpr int RW = kTiledRowsPerWarp;
   constexpr int kVecs = C * S / VW / kTiledThreads;  // staged vectors per thread and chunk
   static_assert(kVecs * VW * kTiledThreads == C * S, "a chunk is whole vectors per thread");
+  constexpr int kHalf = VW == 1 ? 1 : kVecs / 2;
+  static_assert(VW == 1 || kVecs % 2 == 0, "the vector path stages a chunk in two halves");
   static_assert(S % VW == 0, "a vector stays inside the slice");
+  static_assert(LC % 2 == 0 && sizeof(Vec<scalar_t, LC>) >= LC / 2 * sizeof(unsigned), "whole 32-bit words per lane");
   extern __shared__ __align__(16) unsigned char smem_raw[];
   scalar_t* sW = reinterpret_cast<scalar_t*>(smem_raw);  // [2][C][S]
 
@@ -117,21 +128,24 @@ __global__ void __launch_bounds__(kTiledThreads) tiled_decode_kernel(
 
   // staging: element e = (v * threads + t) * VW of a chunk is (feature e / S,
   // column e % S); features past F and columns past d read as zeros
-  auto load_chunk = [&](int c, vec_t (&reg)[kVecs]) {
+  // (in two halves of kHalf vectors, h = 0 or 1: half the registers in flight)
+  auto load_chunk = [&](int c, int h, vec_t (&reg)[kHalf]) {
 #pragma unroll
-    for (int v = 0; v < kVecs; ++v) {
+    for (int u = 0; u < kHalf; ++u) {
+      const int v = h * kHalf + u;
       const int e = (v * kTiledThreads + static_cast<int>(threadIdx.x)) * VW;
       const int64_t f = static_cast<int64_t>(c) * C + e / S, gc = s0 + e % S;
-      reg[v] = f < F && gc < d ? load_vec<VW>(W + f * d + gc) : vec_t{};
+      reg[u] = f < F && gc < d ? load_vec<VW>(W + f * d + gc) : vec_t{};
     }
   };
-  auto store_chunk = [&](int c, const vec_t (&reg)[kVecs]) {
+  auto store_chunk = [&](int c, int h, const vec_t (&reg)[kHalf]) {
     scalar_t* buf = sW + (c & 1) * (C * S);
 #pragma unroll
-    for (int v = 0; v < kVecs; ++v) {
+    for (int u = 0; u < kHalf; ++u) {
+      const int v = h * kHalf + u;
       scalar_t* p = buf + (v * kTiledThreads + static_cast<int>(threadIdx.x)) * VW;
       DUALENC_CHECK_ALIGNED(p, sizeof(vec_t));
-      *reinterpret_cast<vec_t*>(p) = reg[v];
+      *reinterpret_cast<vec_t*>(p) = reg[u];
     }
   };
   // plain loads (VW = 1): each element stored as it arrives, no register copy
@@ -163,9 +177,11 @@ __global__ void __launch_bounds__(kTiledThreads) tiled_decode_kernel(
     if constexpr (VW == 1) {
       stage_direct(0);
     } else {
-      vec_t reg[kVecs];
-      load_chunk(0, reg);
-      store_chunk(0, reg);
+      vec_t reg[kHalf];
+      for (int h = 0; h < 2; ++h) {
+        load_chunk(0, h, reg);
+        store_chunk(0, h, reg);
+      }
     }
   }
   __syncthreads();
@@ -173,12 +189,12 @@ __global__ void __launch_bounds__(kTiledThreads) tiled_decode_kernel(
   for (int c = 0; c < chunks; ++c) {
     const int hi2 = bound_lane && c + 2 <= chunks ? my_starts[c + 2] : 0;
     const bool next = c + 1 < chunks;
-    vec_t reg[VW == 1 ? 1 : kVecs];
+    vec_t reg[kHalf];  // the vector path: half of chunk c + 1, loaded before a half of the rows, stored after
     if constexpr (VW == 1) {
       (void)reg;
       if (next) stage_direct(c + 1);  // the other buffer: nobody reads it during chunk c
     } else {
-      if (next) load_chunk(c + 1, reg);
+      if (next) load_chunk(c + 1, 0, reg);
     }
     const scalar_t* buf = sW + (c & 1) * (C * S) + lane * LC;
     const int f0 = c * C;
@@ -200,6 +216,12 @@ __global__ void __launch_bounds__(kTiledThreads) tiled_decode_kernel(
     meta(0, p0_next, n_next, 0, off_next, val_next);
 #pragma unroll
     for (int r = 0; r < RW; ++r) {
+      if constexpr (VW != 1) {
+        if (r == RW / 2 && next) {  // a compile-time row: the loop is unrolled
+          store_chunk(c + 1, 0, reg);
+          load_chunk(c + 1, 1, reg);
+        }
+      }
       const int p0 = p0_next, n = n_next;  // warp-uniform
       int off = off_next;
       acc_t val = val_next;
@@ -216,13 +238,25 @@ __global__ void __launch_bounds__(kTiledThreads) tiled_decode_kernel(
           const int o = __shfl_sync(kFull, off, j);
           const acc_t a = __shfl_sync(kFull, val, j);
           const Vec<scalar_t, LC> w = load_vec<LC>(buf + o);
+          if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+            // two bfloat16 per 32-bit word: the low one shifted up, the high
+            // one masked, one instruction each (the same floats as the cast)
+            unsigned u[LC / 2];
+            std::memcpy(u, &w, sizeof(u));
 #pragma unroll
-          for (int e = 0; e < LC; ++e) acc[r][e] += a * static_cast<acc_t>(w.v[e]);
+            for (int e = 0; e < LC / 2; ++e) {
+              acc[r][2 * e] += a * __uint_as_float(u[e] << 16);
+              acc[r][2 * e + 1] += a * __uint_as_float(u[e] & 0xffff0000u);
+            }
+          } else {
+#pragma unroll
+            for (int e = 0; e < LC; ++e) acc[r][e] += a * static_cast<acc_t>(w.v[e]);
+          }
         }
       }
     }
     if constexpr (VW != 1) {
-      if (next) store_chunk(c + 1, reg);
+      if (next) store_chunk(c + 1, 1, reg);
     }
     __syncthreads();
     lo = hi;
