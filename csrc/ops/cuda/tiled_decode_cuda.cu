@@ -304,8 +304,6 @@ at::Tensor tiled_decode(const at::Tensor& values, const at::Tensor& indices, con
     }
     constexpr int kVec = kVecWidth<scalar_t>;
     const bool vec = vector_rows(W.const_data_ptr<scalar_t>(), d, kVec);
-    const dim3 grid(checked_grid(ceil_div(B, kTiledRows), "tiled_decode_kernel"),
-                    checked_grid(ceil_div(d, S), "tiled_decode_kernel"));
     constexpr int smem = 2 * kTiledBufferBytes;
     auto stream = c10::cuda::getCurrentCUDAStream();
     auto launch = [&](auto width) {
@@ -313,6 +311,8 @@ at::Tensor tiled_decode(const at::Tensor& values, const at::Tensor& indices, con
       // over the 48 KiB default: raise the kernel's limit (a cheap host call)
       C10_CUDA_CHECK(cudaFuncSetAttribute(tiled_decode_kernel<scalar_t, VW>,
                                           cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+      const dim3 grid(checked_grid(ceil_div(B, kTiledRows), "tiled_decode_kernel"),
+                      checked_grid(ceil_div(d, S), "tiled_decode_kernel"));
       DUALENC_LAUNCH((tiled_decode_kernel<scalar_t, VW>), grid, kTiledThreads, smem, stream)(
           sv.const_data_ptr<scalar_t>(), feats.const_data_ptr<int>(), starts.const_data_ptr<int>(),
           W.const_data_ptr<scalar_t>(), has_bias ? bvec.const_data_ptr<scalar_t>() : nullptr,
