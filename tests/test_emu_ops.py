@@ -681,3 +681,32 @@ def test_tiled_decode_auto_and_backward_form(dtype):
     with emu.strategy_scope("auto", tiled="auto"):
         assert emu.strategy()["tiled"] == "auto"
     assert emu.strategy()["tiled"] == "auto"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_topk_encode_backward_dx_tiled(dtype, seed):
+    """topk_encode's backward dx in the gather form is sparse_decode's
+    gather-sum of the masked gradient: with the tiled kernel on it is that
+    kernel's result bitwise (ReLU-clamped values pass no gradient), close to
+    the gather's; dW and db do not change."""
+    g = torch.Generator().manual_seed(10)
+    B, d, F, k = 270, 65, 300, 24
+    x, w, b = rnd(g, B, d).to(dtype), rnd(g, F, d).to(dtype), rnd(g, F).to(dtype)
+    v, i = E.topk_encode(x, w, b, k, None)
+    v = v.clone()
+    v[::3, -1] = 0  # clamped by ReLU: no gradient
+    up = rnd(g, B, k).to(dtype)
+    masked = torch.where(v > 0, up, torch.zeros_like(up))
+    with emu.strategy_scope("gather", tiled="on"):
+        gx, gw, gb = E.topk_encode_backward(up, v, i, x, w, None, True, True, True)
+        direct = E.sparse_decode(masked, i, w, None, True)
+    with emu.strategy_scope("gather", tiled="off"):
+        gx0, gw0, gb0 = E.topk_encode_backward(up, v, i, x, w, None, True, True, True)
+    assert torch.equal(gx, direct)
+    close(gx, gx0, dtype, scale=math.sqrt(k))
+    assert torch.equal(gw, gw0) and torch.equal(gb, gb0)
+    with emu.strategy_scope("dense", tiled="on"):  # the dense form keeps its GEMM
+        gxd, _, _ = E.topk_encode_backward(up, v, i, x, w, None, True, False, True)
+    with emu.strategy_scope("dense", tiled="off"):
+        gxd0, _, _ = E.topk_encode_backward(up, v, i, x, w, None, True, False, True)
+    assert torch.equal(gxd, gxd0)
