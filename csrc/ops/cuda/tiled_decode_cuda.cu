@@ -173,94 +173,98 @@ __global__ void __launch_bounds__(kTiledThreads) tiled_decode_kernel(
   int lo = bound_lane ? my_starts[0] : 0;
   int hi = bound_lane && chunks > 0 ? my_starts[1] : 0;
 
-  if (chunks > 0) {
-    if constexpr (VW == 1) {
-      stage_direct(0);
-    } else {
-      vec_t reg[kHalf];
-      for (int h = 0; h < 2; ++h) {
-        load_chunk(0, h, reg);
-        store_chunk(0, h, reg);
-      }
-    }
-  }
-  __syncthreads();
   constexpr unsigned kFull = 0xffffffffu;
-  for (int c = 0; c < chunks; ++c) {
-    const int hi2 = bound_lane && c + 2 <= chunks ? my_starts[c + 2] : 0;
-    const bool next = c + 1 < chunks;
-    vec_t reg[kHalf];  // the vector path: half of chunk c + 1, loaded before a half of the rows, stored after
-    if constexpr (VW == 1) {
-      (void)reg;
-      if (next) stage_direct(c + 1);  // the other buffer: nobody reads it during chunk c
-    } else {
-      if (next) load_chunk(c + 1, 0, reg);
-    }
-    const scalar_t* buf = sW + (c & 1) * (C * S) + lane * LC;
-    const int f0 = c * C;
-    // up to 32 pairs of row r from position q of its chunk, one per lane:
-    // the staged row's offset and the value (zeros past the chunk)
-    auto meta = [&](int r, int p0, int n, int q, int& off, acc_t& val) {
-      off = 0;
-      val = acc_t(0);
-      if (q + lane < n) {
-        const int64_t p = (row0 + r) * k + p0 + q + lane;
-        off = (feats[p] - f0) * S;
-        val = static_cast<acc_t>(vals[p]);
-      }
-    };
-    int p0_next = __shfl_sync(kFull, lo, 0);
-    int n_next = __shfl_sync(kFull, hi, 0) - p0_next;
-    int off_next;
-    acc_t val_next;
-    meta(0, p0_next, n_next, 0, off_next, val_next);
-#pragma unroll
-    for (int r = 0; r < RW; ++r) {
-      if constexpr (VW != 1) {
-        if (r == RW / 2 && next) {  // a compile-time row: the loop is unrolled
-          store_chunk(c + 1, 0, reg);
-          load_chunk(c + 1, 1, reg);
-        }
-      }
-      const int p0 = p0_next, n = n_next;  // warp-uniform
-      int off = off_next;
-      acc_t val = val_next;
-      if (r + 1 < RW) {  // the next row's first batch, in flight during this row's arithmetic
-        p0_next = __shfl_sync(kFull, lo, r + 1);
-        n_next = __shfl_sync(kFull, hi, r + 1) - p0_next;
-        meta(r + 1, p0_next, n_next, 0, off_next, val_next);
-      }
-      for (int q = 0; q < n; q += kWarp) {
-        if (q > 0) meta(r, p0, n, q, off, val);
-        const int m = n - q < kWarp ? n - q : kWarp;
-#pragma unroll 4
-        for (int j = 0; j < m; ++j) {
-          const int o = __shfl_sync(kFull, off, j);
-          const acc_t a = __shfl_sync(kFull, val, j);
-          const Vec<scalar_t, LC> w = load_vec<LC>(buf + o);
-          if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-            // two bfloat16 per 32-bit word: the low one shifted up, the high
-            // one masked, one instruction each (the same floats as the cast)
-            unsigned u[LC / 2];
-            std::memcpy(u, &w, sizeof(u));
-#pragma unroll
-            for (int e = 0; e < LC / 2; ++e) {
-              acc[r][2 * e] += a * __uint_as_float(u[e] << 16);
-              acc[r][2 * e + 1] += a * __uint_as_float(u[e] & 0xffff0000u);
-            }
-          } else {
-#pragma unroll
-            for (int e = 0; e < LC; ++e) acc[r][e] += a * static_cast<acc_t>(w.v[e]);
+  // iteration -1 only stages chunk 0; iteration c >= 0 adds chunk c while it
+  // stages chunk c + 1; one barrier (the kernel's only one) ends each iteration
+  for (int c = -1; c < chunks; ++c) {
+    if (c < 0) {
+      if (chunks > 0) {
+        if constexpr (VW == 1) {
+          stage_direct(0);
+        } else {
+          vec_t reg[kHalf];
+          for (int h = 0; h < 2; ++h) {
+            load_chunk(0, h, reg);
+            store_chunk(0, h, reg);
           }
         }
       }
-    }
-    if constexpr (VW != 1) {
-      if (next) store_chunk(c + 1, 1, reg);
+    } else {
+      const int hi2 = bound_lane && c + 2 <= chunks ? my_starts[c + 2] : 0;
+      const bool next = c + 1 < chunks;
+      vec_t reg[kHalf];  // the vector path: half of chunk c + 1, loaded before a half of the rows, stored after
+      if constexpr (VW == 1) {
+        (void)reg;
+        if (next) stage_direct(c + 1);  // the other buffer: nobody reads it during chunk c
+      } else {
+        if (next) load_chunk(c + 1, 0, reg);
+      }
+      const scalar_t* buf = sW + (c & 1) * (C * S) + lane * LC;
+      const int f0 = c * C;
+      // up to 32 pairs of row r from position q of its chunk, one per lane:
+      // the staged row's offset and the value (zeros past the chunk)
+      auto meta = [&](int r, int p0, int n, int q, int& off, acc_t& val) {
+        off = 0;
+        val = acc_t(0);
+        if (q + lane < n) {
+          const int64_t p = (row0 + r) * k + p0 + q + lane;
+          off = (feats[p] - f0) * S;
+          val = static_cast<acc_t>(vals[p]);
+        }
+      };
+      int p0_next = __shfl_sync(kFull, lo, 0);
+      int n_next = __shfl_sync(kFull, hi, 0) - p0_next;
+      int off_next;
+      acc_t val_next;
+      meta(0, p0_next, n_next, 0, off_next, val_next);
+#pragma unroll
+      for (int r = 0; r < RW; ++r) {
+        if constexpr (VW != 1) {
+          if (r == RW / 2 && next) {  // a compile-time row: the loop is unrolled
+            store_chunk(c + 1, 0, reg);
+            load_chunk(c + 1, 1, reg);
+          }
+        }
+        const int p0 = p0_next, n = n_next;  // warp-uniform
+        int off = off_next;
+        acc_t val = val_next;
+        if (r + 1 < RW) {  // the next row's first batch, in flight during this row's arithmetic
+          p0_next = __shfl_sync(kFull, lo, r + 1);
+          n_next = __shfl_sync(kFull, hi, r + 1) - p0_next;
+          meta(r + 1, p0_next, n_next, 0, off_next, val_next);
+        }
+        for (int q = 0; q < n; q += kWarp) {
+          if (q > 0) meta(r, p0, n, q, off, val);
+          const int m = n - q < kWarp ? n - q : kWarp;
+#pragma unroll 4
+          for (int j = 0; j < m; ++j) {
+            const int o = __shfl_sync(kFull, off, j);
+            const acc_t a = __shfl_sync(kFull, val, j);
+            const Vec<scalar_t, LC> w = load_vec<LC>(buf + o);
+            if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+              // two bfloat16 per 32-bit word: the low one shifted up, the high
+              // one masked, one instruction each (the same floats as the cast)
+              unsigned u[LC / 2];
+              std::memcpy(u, &w, sizeof(u));
+#pragma unroll
+              for (int e = 0; e < LC / 2; ++e) {
+                acc[r][2 * e] += a * __uint_as_float(u[e] << 16);
+                acc[r][2 * e + 1] += a * __uint_as_float(u[e] & 0xffff0000u);
+              }
+            } else {
+#pragma unroll
+              for (int e = 0; e < LC; ++e) acc[r][e] += a * static_cast<acc_t>(w.v[e]);
+            }
+          }
+        }
+      }
+      if constexpr (VW != 1) {
+        if (next) store_chunk(c + 1, 1, reg);
+      }
+      lo = hi;
+      hi = hi2;
     }
     __syncthreads();
-    lo = hi;
-    hi = hi2;
   }
 
 #pragma unroll
