@@ -19,8 +19,9 @@
 #   c1        dualenc bench at C1 on the GPU
 #   ncu       Nsight Compute speed-of-light of the work-item scatter kernels
 #             and the top-k select, on the large CUDA tests
-#   sweep     sparse_decode gather vs dense at P's shape over k (the "auto"
-#             thresholds of ops.set_sparse_strategy)
+#   sweep     sparse_decode gather vs dense at P's shape over k, and its
+#             forward alone in the gather, dense and tiled forms (the "auto"
+#             thresholds of ops.set_sparse_strategy, tiled_* included)
 #   wgrad     sparse_weight_grads against the three weight-gradient ops it
 #             replaces, gather form, at S and P (float32, bfloat16)
 # Everything printed is also written under bench/results/gpu-<device>-<date>/,
@@ -149,7 +150,7 @@ fi
 
 if want sweep; then
   for dt in bfloat16 float32; do
-    log "sweep: gather vs dense at P's shape, $dt"
+    log "sweep: gather vs dense (forward + backward; forward alone with tiled) at P's shape, $dt"
     run "sweep-P-$dt" 150 "$PY" -m dualenc_fast.cli bench --config P --device cuda --dtype "$dt" --paths '' \
       --no-memory --repeats 5 --sweep-k 64,256,512,1024,2048,4096 --out "$out/sweep-P-$dt.json"
   done

@@ -48,12 +48,22 @@ py::dict sparse_strategy() {
   d["cuda_min_density"] = s.cuda_min_density;
   d["cuda_fp32_min_density"] = s.cuda_fp32_min_density;
   d["dense_block_bytes"] = s.dense_block_bytes;
+  const char* tiled[] = {"auto", "on", "off"};
+  d["tiled"] = tiled[static_cast<int>(s.tiled)];
+  d["tiled_min_reuse"] = s.tiled_min_reuse;
+  d["tiled_max_density"] = s.tiled_max_density;
+  d["tiled_fp32_max_density"] = s.tiled_fp32_max_density;
   return d;
 }
 
 // Validated in Python (dualenc_fast.ops.set_sparse_strategy).
-void set_sparse_strategy(int mode, double cpu, double cuda, double cuda_fp32, int64_t block_bytes) {
+void set_sparse_strategy(int mode, double cpu, double cuda, double cuda_fp32, int64_t block_bytes, int tiled,
+                         double tiled_min_reuse, double tiled_max_density, double tiled_fp32_max_density) {
   auto& s = dualenc_fast::sparse_strategy();
+  s.tiled = static_cast<dualenc_fast::TiledMode>(tiled);
+  s.tiled_min_reuse = tiled_min_reuse;
+  s.tiled_max_density = tiled_max_density;
+  s.tiled_fp32_max_density = tiled_fp32_max_density;
   s.mode = static_cast<dualenc_fast::SparseMode>(mode);
   s.cpu_min_density = cpu;
   s.cuda_min_density = cuda;
@@ -92,6 +102,9 @@ PYBIND11_MODULE(_C, m) {
         py::overload_cast<bool, bool, bool, int64_t, int64_t, int64_t>(&dualenc_fast::use_dense_path),
         py::arg("on_cpu"), py::arg("half_or_bf16"), py::arg("is_float32"), py::arg("B"), py::arg("k"),
         py::arg("F"), "Whether the sparse ops would take the dense path for such a code.");
+  m.def("use_tiled_forward", &dualenc_fast::use_tiled_forward, py::arg("on_cpu"), py::arg("half_or_bf16"),
+        py::arg("is_float32"), py::arg("B"), py::arg("k"), py::arg("F"),
+        "Whether sparse_decode's forward would take the batch-tiled CUDA form for such a code.");
   m.def("sparse_form",
         &dualenc_fast::sparse_form,
         py::arg("on_cpu"), py::arg("half_or_bf16"), py::arg("is_float32"), py::arg("B"), py::arg("k"),
@@ -109,7 +122,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("shared_csr_stats", &dualenc_fast::shared_csr_stats, py::arg("reset") = false,
         "(transposes built, transposes reused) since the last reset.");
   m.def("set_sparse_strategy", &set_sparse_strategy, py::arg("mode"), py::arg("cpu_min_density"),
-        py::arg("cuda_min_density"), py::arg("cuda_fp32_min_density"), py::arg("dense_block_bytes"));
+        py::arg("cuda_min_density"), py::arg("cuda_fp32_min_density"), py::arg("dense_block_bytes"),
+        py::arg("tiled"), py::arg("tiled_min_reuse"), py::arg("tiled_max_density"),
+        py::arg("tiled_fp32_max_density"));
   // Validated in Python (dualenc_fast.ops.set_encode_block_bytes).
   m.def("encode_block_bytes", []() { return dualenc_fast::sparse_strategy().encode_block_bytes; });
   m.def("set_encode_block_bytes", [](int64_t n) { dualenc_fast::sparse_strategy().encode_block_bytes = n; });

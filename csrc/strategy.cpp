@@ -5,6 +5,8 @@
 #include <ATen/Context.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+
 namespace dualenc_fast {
 
 SparseStrategy& sparse_strategy() {
@@ -20,6 +22,17 @@ bool use_dense_path(bool on_cpu, bool half_or_bf16, bool is_float32, int64_t B, 
   if (on_cpu) return density >= s.cpu_min_density;
   const bool tensor_cores = half_or_bf16 || (is_float32 && at::globalContext().allowTF32CuBLAS());
   return density >= (tensor_cores ? s.cuda_min_density : s.cuda_fp32_min_density);
+}
+
+bool use_tiled_forward(bool on_cpu, bool half_or_bf16, bool is_float32, int64_t B, int64_t k, int64_t F) {
+  const SparseStrategy& s = sparse_strategy();
+  if (on_cpu || s.tiled == TiledMode::Off) return false;
+  if (s.tiled == TiledMode::On) return true;
+  if (s.mode != SparseMode::Auto || F <= 0 || B == 0 || k == 0) return false;
+  const double density = static_cast<double>(k) / static_cast<double>(F);
+  const double reuse = density * static_cast<double>(std::min(B, kTiledRows));
+  const bool tensor_cores = half_or_bf16 || (is_float32 && at::globalContext().allowTF32CuBLAS());
+  return reuse >= s.tiled_min_reuse && density < (tensor_cores ? s.tiled_max_density : s.tiled_fp32_max_density);
 }
 
 bool use_dense_path(const at::Tensor& like, int64_t k, int64_t F) {

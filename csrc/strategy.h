@@ -14,6 +14,16 @@ namespace dualenc_fast {
 
 enum class SparseMode : int { Auto = 0, Gather = 1, Dense = 2 };
 
+// The batch-tiled forward of sparse_decode on CUDA (ops/cuda/tiled_decode_cuda.cu):
+// "auto" takes it where the model below says so (and only in SparseMode::Auto),
+// "on" forces it, "off" never takes it. It is a forward-only form: the form a
+// forward records for its backward (sparse_form) stays gather or dense.
+enum class TiledMode : int { Auto = 0, On = 1, Off = 2 };
+
+// Batch rows per block of the tiled forward: each block streams the weight
+// table's rows for its column slice through shared memory once per tile.
+constexpr int64_t kTiledRows = 256;
+
 struct SparseStrategy {
   SparseMode mode = SparseMode::Auto;
   // Lowest density k/F at which "auto" takes the dense path.
@@ -38,6 +48,40 @@ struct SparseStrategy {
   // blocks above, each [rows, F] product gathered row by row. Set from Python
   // (dualenc_fast.ops.set_dense_dv_block_bytes).
   int64_t dense_dv_block_bytes = int64_t{24} << 20;
+
+  // The tiled forward (CUDA only). Model, per output column and table, at the
+  // paper's shape P (B = 4096, d = 3200, F = 50000, k = 1024; H100 figures of
+  // KERNELS.md and the review: L2 -> SM 5.5-7 TB/s, shared memory ~30 TB/s,
+  // 927 G warp-instructions/s):
+  // - the gather form reads B*k*d weight elements, random rows from L2/HBM
+  //   (bfloat16 at P: 26.8 GB, ~10 ms);
+  // - the tiled form reads (B/R)*F*d elements from L2 into shared memory
+  //   (R = min(B, kTiledRows) rows share each staged element; P, bf16: 5.1 GB,
+  //   0.7-0.9 ms), then B*k*d from shared memory, and issues 14.75 sm_90
+  //   instructions per (pair, warp slice of 128 columns) plus ~15 per (row,
+  //   feature chunk, slice): ~1.95 G warp-instructions at P, ~2 ms, the bound
+  //   (float32 about the same); the review's byte estimate is 0.75-1 ms.
+  // So per pair and column the tiled form costs about 1/(u * 6 TB/s) of L2
+  // bytes plus its fixed shared-memory/issue part, with u = k*R/F the pairs
+  // served by each staged element, against ~1/(2.7 TB/s) for the gather:
+  // the bytes break even near u = 0.6, and the per-(row, chunk) overhead
+  // (F/(C*k) chunks per pair, C = 96-192 features per chunk) doubles the
+  // issue time at u = 1. "auto" takes the tiled form from u >= tiled_min_reuse
+  // (2: twice the point where the chunk overhead matches the pair work).
+  double tiled_min_reuse = 2.0;
+  // Against the dense GEMM, whose time does not depend on k: the tiled form
+  // scales with k, the GEMM with F. 16-bit (and TF32) tensor-core GEMMs take
+  // 1.64-2.0 ms at P (k/F = 0.0205) against 0.75-1 ms (the review's bytes) to
+  // ~2 ms (the instruction count) for the tiled form, so the crossover is
+  // near k/F = 0.02-0.04. 0.02 is taken: at P itself the instruction count
+  // makes it a toss-up, so P in 16-bit keeps today's dense GEMM until a GPU
+  // run measures both (bench --ab tiled_forward_on). SIMT float32 GEMMs take
+  // 22-26 ms against ~2 ms, a crossover near k/F = 0.25. "auto" takes the
+  // tiled form below these densities (the sweep stage of bench/gpu_check.sh
+  // times the three forms at P over k to settle them).
+  double tiled_max_density = 0.02;
+  double tiled_fp32_max_density = 0.25;
+  TiledMode tiled = TiledMode::Auto;
 };
 
 // Fewest features in a chunk of the dense dvalues product (narrower GEMMs
@@ -55,6 +99,10 @@ SparseStrategy& sparse_strategy();
 bool use_dense_path(bool on_cpu, bool half_or_bf16, bool is_float32, int64_t B, int64_t k, int64_t F);
 // The same for a code held in `like` ([B, k]).
 bool use_dense_path(const at::Tensor& like, int64_t k, int64_t F);
+
+// Whether sparse_decode's CUDA forward takes the tiled form for a [B, k] code
+// of F features (false on the CPU; see SparseStrategy::tiled).
+bool use_tiled_forward(bool on_cpu, bool half_or_bf16, bool is_float32, int64_t B, int64_t k, int64_t F);
 
 // The form of a sparse product as one integer, so that a forward can record
 // it and its backward use the very same (the strategy is process-wide and may

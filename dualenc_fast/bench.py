@@ -292,13 +292,14 @@ def transient_memory(path: str, s: Shape, dtype: str = "float32") -> dict:
 
 
 # --------------------------------------------------------------------------- op-level
-def _in_form(mode: str, fn: Callable) -> Callable:
+def _in_form(mode: str, fn: Callable, tiled: str = "off") -> Callable:
     """A case for :func:`time_paths` running ``fn()`` with the sparse products
-    in one form ("gather" or "dense"); the strategy in force comes back after."""
+    in one form ("gather" or "dense"; sparse_decode's tiled CUDA forward off,
+    or "on" to time it); the strategy in force comes back after."""
     from . import ops
 
     def case(_):
-        with ops.sparse_strategy_scope(mode):
+        with ops.sparse_strategy_scope(mode, tiled=tiled):
             return fn()
 
     return case
@@ -420,15 +421,19 @@ def design_ab(step: Callable, x, device, names, repeats: int, warmup: int = 1, l
 def density_sweep(s: Shape, device, dtype, ks, repeats: int = 3, log=print) -> dict:
     """sparse_decode forward + backward (values and weight gradients) in its
     gather and dense forms, side by side, at the shape ``s`` with each k in
-    ``ks``: the measurement behind the "auto" thresholds of
-    :func:`dualenc_fast.ops.set_sparse_strategy`."""
+    ``ks``, and its forward alone in the gather, dense and (on CUDA) tiled
+    forms: the measurement behind the "auto" thresholds of
+    :func:`dualenc_fast.ops.set_sparse_strategy` (cuda_min_density and the
+    tiled_* settings)."""
     from . import ops
 
     gen = torch.Generator().manual_seed(0)
     w = (torch.randn(s.F, s.d, generator=gen) * s.d ** -0.5).to(device, dtype).requires_grad_(True)
     rows = []
     log(f"sparse_decode forward + backward, B={s.B} F={s.F} d={s.d} {device} {dtype}:")
-    log(f"  {'k':>6} {'density':>8} {'gather ms':>10} {'dense ms':>10} {'dense/gather':>12}  picks")
+    tiled = torch.device(device).type == "cuda"
+    log(f"  {'k':>6} {'density':>8} {'gather ms':>10} {'dense ms':>10} {'dense/gather':>12}  picks   "
+        f"forward alone: {'gather ms':>9} {'dense ms':>9} {'tiled ms':>9}  picks")
     for k in ks:
         if not 0 < k <= s.F:
             raise ValueError(f"density sweep: need 0 < k <= F = {s.F}, got k = {k}")
@@ -436,14 +441,32 @@ def density_sweep(s: Shape, device, dtype, ks, repeats: int = 3, log=print) -> d
         v = torch.rand(s.B, k, generator=gen).to(device, dtype).requires_grad_(True)
         up = torch.randn(s.B, s.d, generator=gen).to(device, dtype)
         step = lambda: torch.autograd.grad(ops.sparse_decode(v, idx, w), (v, w), up)  # noqa: E731
-        cases = {"gather": _in_form("gather", step), "dense": _in_form("dense", step)}
+
+        def fwd():
+            with torch.no_grad():
+                return ops.sparse_decode(v, idx, w)
+
+        cases = {"gather": _in_form("gather", step), "dense": _in_form("dense", step),
+                 "gather_fwd": _in_form("gather", fwd), "dense_fwd": _in_form("dense", fwd)}
+        if tiled:
+            cases["tiled_fwd"] = _in_form("auto", fwd, tiled="on")
         med = {n: statistics.median(t) for n, t in time_paths(cases, None, device, repeats, warmup=1).items()}
         picks = "dense" if ops.uses_dense_path(v, s.F) else "gather"  # under the settings in force
+        picks_fwd = "tiled" if ops.uses_tiled_forward(v, s.F) else picks
         row = dict(k=k, density=k / s.F, gather_s=med["gather"], dense_s=med["dense"],
-                   dense_over_gather=med["dense"] / med["gather"], picks=picks)
+                   dense_over_gather=med["dense"] / med["gather"], picks=picks,
+                   gather_fwd_s=med["gather_fwd"], dense_fwd_s=med["dense_fwd"],
+                   tiled_fwd_s=med.get("tiled_fwd"), picks_fwd=picks_fwd)
+        if tiled:  # the tiled forward against the gather's, on this device
+            with torch.no_grad():
+                ref = _in_form("gather", fwd)(None).float()
+                got = _in_form("auto", fwd, tiled="on")(None).float()
+            row["tiled_max_abs_diff"] = float((got - ref).abs().max())
         rows.append(row)
+        tiled_ms = f"{med['tiled_fwd'] * 1e3:>9.2f}" if tiled else f"{'-':>9}"
         log(f"  {k:>6} {k / s.F:>8.2%} {med['gather'] * 1e3:>10.2f} {med['dense'] * 1e3:>10.2f} "
-            f"{row['dense_over_gather']:>12.2f}  {picks}")
+            f"{row['dense_over_gather']:>12.2f}  {picks:<6}  {'':>14} {med['gather_fwd'] * 1e3:>9.2f} "
+            f"{med['dense_fwd'] * 1e3:>9.2f} {tiled_ms}  {picks_fwd}")
     return {"shape": asdict(s), "strategy": ops.sparse_strategy(), "rows": rows}
 
 

@@ -5,7 +5,7 @@ The emulated build is a second compiled module, ``dualenc_fast._C_emu``
 (CMake option ``DUALENC_EMU=ON``; ``bash scripts/bootstrap.sh test`` builds
 it), whose ops are ``torch.ops.dualenc_fast_emu.*`` and take CPU tensors. It
 has its own settings: :func:`strategy_scope` forces the gather or dense form
-and the encoder's row-block size, :func:`schedule` picks the schedule seed.
+(and the tiled forward of sparse_decode on or off) and the encoder's row-block size, :func:`schedule` picks the schedule seed.
 ``DUALENC_EMU_LIB=/path/to/_C_emu*.so`` loads another build of it (the ASan
 build, the mutation check's mutants). See README, "Emulated CUDA tests".
 """
@@ -19,6 +19,7 @@ from typing import Iterator, Optional
 import torch
 
 _MODES = ("auto", "gather", "dense")
+_TILED = ("auto", "on", "off")
 _module = None
 _error: Optional[BaseException] = None
 
@@ -89,10 +90,13 @@ def strategy() -> dict:
 
 
 def set_strategy(
-    mode: Optional[str] = None, *, dense_block_bytes: Optional[int] = None, encode_block_bytes: Optional[int] = None
+    mode: Optional[str] = None, *, dense_block_bytes: Optional[int] = None, encode_block_bytes: Optional[int] = None,
+    tiled: Optional[str] = None,
 ) -> None:
     """The emulated module's copy of :func:`dualenc_fast.ops.set_sparse_strategy`
-    (mode and dense-form block size) and :func:`dualenc_fast.ops.set_encode_block_bytes`."""
+    (mode, dense-form block size, tiled forward "auto"/"on"/"off") and
+    :func:`dualenc_fast.ops.set_encode_block_bytes`. The emulated sparse_decode
+    decides the tiled form by the CUDA rule (its tensors are on the CPU)."""
     cur = strategy()
     mode = cur["mode"] if mode is None else mode
     if mode not in _MODES:
@@ -103,7 +107,11 @@ def set_strategy(
         if isinstance(val, bool) or not isinstance(val, int) or val < 1:
             raise ValueError(f"dualenc_fast.emu: argument '{name}' must be an int >= 1, got {val!r}")
         vals[name] = val
-    module().set_sparse_strategy(_MODES.index(mode), vals["dense_block_bytes"], vals["encode_block_bytes"])
+    tiled = cur["tiled"] if tiled is None else tiled
+    if tiled not in _TILED:
+        raise ValueError(f"dualenc_fast.emu: argument 'tiled' must be one of {_TILED}, got {tiled!r}")
+    module().set_sparse_strategy(_MODES.index(mode), vals["dense_block_bytes"], vals["encode_block_bytes"],
+                                 _TILED.index(tiled))
 
 
 @contextlib.contextmanager
@@ -128,4 +136,4 @@ def strategy_scope(mode: Optional[str] = None, **settings) -> Iterator[None]:
         yield
     finally:
         set_strategy(before["mode"], dense_block_bytes=before["dense_block_bytes"],
-                     encode_block_bytes=before["encode_block_bytes"])
+                     encode_block_bytes=before["encode_block_bytes"], tiled=before["tiled"])

@@ -47,6 +47,7 @@ __all__ = [
     "topk_encode",
     "topn_reselect",
     "uses_dense_path",
+    "uses_tiled_forward",
 ]
 
 
@@ -64,12 +65,14 @@ def index_checks() -> bool:
 
 
 _MODES = ("auto", "gather", "dense")
+_TILED = ("auto", "on", "off")
 
 
 def sparse_strategy() -> dict:
     """The current gather-or-dense choice of the sparse products (see
     :func:`set_sparse_strategy`): ``{"mode", "cpu_min_density",
-    "cuda_min_density", "cuda_fp32_min_density", "dense_block_bytes"}``."""
+    "cuda_min_density", "cuda_fp32_min_density", "dense_block_bytes", "tiled",
+    "tiled_min_reuse", "tiled_max_density", "tiled_fp32_max_density"}``."""
     return dict(_ext._C.sparse_strategy())
 
 
@@ -92,6 +95,13 @@ def uses_dense_path(values: Tensor, num_features: int) -> bool:
     return bool(_ext._C.use_dense_path(*_code_traits(values, num_features)))
 
 
+def uses_tiled_forward(values: Tensor, num_features: int) -> bool:
+    """Whether :func:`sparse_decode`'s forward would take the batch-tiled CUDA
+    form for a code ``values`` [B, k] over ``num_features`` features (never on
+    the CPU; see ``tiled`` in :func:`set_sparse_strategy`)."""
+    return bool(_ext._C.use_tiled_forward(*_code_traits(values, num_features)))
+
+
 def _sparse_form(values: Tensor, num_features: int) -> int:
     """The form a forward records for its backward (0: gather, n > 0: dense in
     row blocks of about n bytes), from the strategy in force now."""
@@ -105,6 +115,10 @@ def set_sparse_strategy(
     cuda_min_density: Optional[float] = None,
     cuda_fp32_min_density: Optional[float] = None,
     dense_block_bytes: Optional[int] = None,
+    tiled: Optional[str] = None,
+    tiled_min_reuse: Optional[float] = None,
+    tiled_max_density: Optional[float] = None,
+    tiled_fp32_max_density: Optional[float] = None,
 ) -> None:
     """How :func:`sparse_decode` (forward and backward) and the backward of
     :func:`topk_encode` form their sparse-times-dense products.
@@ -128,6 +142,21 @@ def set_sparse_strategy(
     autograd each forward records the form it picked (and the block size)
     and its backward uses that form, even if the setting changed in between
     (under ``torch.compile`` the form is fixed when the graph is traced).
+
+    ``tiled`` (CUDA only): the batch-tiled forward of :func:`sparse_decode`
+    (blocks of 256 batch rows stream the weight table through shared memory
+    and add each row's pairs, sorted by feature, into register accumulators).
+    ``"on"`` forces it, ``"off"`` never takes it, ``"auto"`` (default) takes
+    it in ``"auto"`` mode when each staged weight element serves at least
+    ``tiled_min_reuse`` pairs (k * min(B, 256) / F, default 2) and the density
+    k/F is below ``tiled_max_density`` (default 0.02; 16-bit or TF32, against
+    tensor-core GEMMs: at the paper's 2.05% the estimate is a toss-up, so the
+    dense GEMM stays until measured) or ``tiled_fp32_max_density`` (default 0.25; float32
+    without TF32, against SIMT GEMMs); the model is in csrc/strategy.h. It is
+    a forward-only form: the backward takes the gather or dense form the
+    forward recorded, as without it. Its sum runs over each row's pairs in
+    ascending feature order (the gather form: in code order), so the two
+    agree up to rounding; each is deterministic.
 
     Both forms give the same result up to rounding. On CUDA the dense form's
     scatter adds repeated indices of a row with atomics (order-dependent
@@ -153,8 +182,24 @@ def set_sparse_strategy(
     block = cur["dense_block_bytes"] if dense_block_bytes is None else dense_block_bytes
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
         raise ValueError(f"dualenc_fast: argument 'dense_block_bytes' must be an int >= 1, got {block!r}")
+    tiled = cur["tiled"] if tiled is None else tiled
+    if tiled not in _TILED:
+        raise ValueError(f"dualenc_fast: argument 'tiled' must be one of {_TILED}, got {tiled!r}")
+    for name, val in (
+        ("tiled_min_reuse", tiled_min_reuse),
+        ("tiled_max_density", tiled_max_density),
+        ("tiled_fp32_max_density", tiled_fp32_max_density),
+    ):
+        if val is None:
+            val = cur[name]
+        val = float(val)
+        if not (val >= 0.0):
+            raise ValueError(f"dualenc_fast: argument '{name}' must be a number >= 0, got {val!r}")
+        vals[name] = val
     _ext._C.set_sparse_strategy(_MODES.index(mode), vals["cpu_min_density"], vals["cuda_min_density"],
-                                vals["cuda_fp32_min_density"], block)
+                                vals["cuda_fp32_min_density"], block, _TILED.index(tiled),
+                                vals["tiled_min_reuse"], vals["tiled_max_density"],
+                                vals["tiled_fp32_max_density"])
 
 
 @contextlib.contextmanager

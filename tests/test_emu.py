@@ -101,6 +101,7 @@ ERRORS = {
     "trap": r"thread \(7,0,0\) called __trap",
     "misaligned": r"thread \(5,0,0\) made a misaligned 16-byte access to 0x[0-9a-f]+ at \S*selftest\.cu:\d+",
     "bad_block": r"invalid configuration argument: block \(2048,1,1\)",
+    "big_shared": r"kernel missing_sync_kernel: 65536 bytes of dynamic shared memory exceed the 49152 bytes",
     "misaligned_load": r"thread \(9,0,0\): misaligned load: __ldg of a 16-byte value .*not a multiple of 16",
 }
 
@@ -112,10 +113,16 @@ def test_misuse_raises_never_hangs(case, seed):
         with pytest.raises(RuntimeError, match=ERRORS[case]) as info:
             C.selftest(case)
     msg = str(info.value)
-    if case not in ("bad_block", "shfl_outside_mask"):
+    if case not in ("bad_block", "big_shared", "shfl_outside_mask"):
         assert "kernel " in msg and "block (0,0,0)" in msg
     # the emulator is usable after an error
     assert C.selftest("missing_sync") is not None
+
+
+def test_dynamic_shared_opt_in():
+    """Over 48 KiB of dynamic shared memory after cudaFuncSetAttribute (the
+    tiled sparse_decode forward launches with 96 KiB)."""
+    assert C.selftest("big_shared_opt_in") == list(range(63, -1, -1))
 
 
 def test_seed_setting():

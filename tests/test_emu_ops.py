@@ -762,3 +762,152 @@ def test_emulated_and_real_ops_side_by_side():
         E.topk_encode(x, w, b, 41, None)
     with pytest.raises(TypeError, match="float32, float16 and bfloat16"):
         E.topk_encode(x.double(), w.double(), b.double(), 3, None)
+
+
+# --------------------------------------------------------------------------- tiled forward
+# sparse_decode's batch-tiled CUDA forward (tiled_decode_cuda.cu): blocks of
+# TILED_ROWS batch rows x a column slice (128 columns; 64 in float64), the
+# weight table streamed through shared memory in chunks of 192 features
+# (16-bit) or 96 (float32), each row's pairs summed in ascending feature order.
+TILED_ROWS = 256
+
+# (B, d, F, k, repeats): B past one tile, several chunks, d = 1, 33, 64, 65,
+# 300 (three slices), k = 1, k = F, repeated indices (k > F too), k = 0
+TILED_CASES = [
+    (300, 65, 400, 37, False),
+    (5, 1, 50, 1, False),
+    (4, 33, 200, 200, False),
+    (3, 64, 30, 20, True),
+    (2, 64, 7, 40, True),
+    (260, 300, 450, 9, True),
+    (6, 33, 211, 5, False),
+    (3, 8, 5, 0, False),
+]
+
+
+def tiled_case(g, B, d, F, k, repeats, dtype, offset=False):
+    v, idx = random_code(g, B, k, F, repeats)
+    w, b = rnd(g, F, d), rnd(g, d)
+    v, w, b = (t.to(dtype) for t in (v, w, b))
+    if offset:  # rows off a 16-byte boundary: one element past an aligned start
+        base = torch.zeros(F * d + 1, dtype=dtype)
+        base[1:] = w.reshape(-1)
+        w = base[1:].view(F, d)
+        assert w.data_ptr() % 16 != 0
+    return v, idx, w, b
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_tiled_decode(dtype, seed):
+    """Forced on: against the reference (with and without bias, weight rows
+    aligned or one element off), and bitwise the same as in thread order."""
+    g = torch.Generator().manual_seed(5)
+    for B, d, F, k, repeats in TILED_CASES:
+        for offset in (False, True) if d % 8 == 0 else (False,):
+            v, idx, w, b = tiled_case(g, B, d, F, k, repeats, dtype, offset)
+            with emu.strategy_scope(tiled="on"):
+                out = E.sparse_decode(v, idx, w, b, True)
+                out_nb = E.sparse_decode(v, idx, w, None, True)
+                with emu.schedule(0):
+                    again = E.sparse_decode(v, idx, w, b, True)
+            ref = R.sparse_decode(v.float(), idx, w.float(), b.float())
+            close(out, ref, dtype, scale=math.sqrt(max(k, 1)))
+            close(out_nb, R.sparse_decode(v.float(), idx, w.float(), None), dtype, scale=math.sqrt(max(k, 1)))
+            assert out.dtype == dtype and out.shape == (B, d)
+            assert torch.equal(out, again), (B, d, F, k)
+
+
+def test_tiled_decode_float64_and_empty():
+    g = torch.Generator().manual_seed(6)
+    v, idx, w, b = tiled_case(g, 270, 70, 130, 11, True, torch.float64)
+    with emu.strategy_scope(tiled="on"):
+        out = E.sparse_decode(v, idx, w, b, True)
+        empty = E.sparse_decode(v[:0], idx[:0], w, b, True)
+        narrow = E.sparse_decode(v, idx, w[:, :0], b[:0], True)
+    torch.testing.assert_close(out, R.sparse_decode(v, idx, w, b), atol=1e-12, rtol=1e-12)
+    assert empty.shape == (0, 70) and narrow.shape == (270, 0)
+
+
+def test_tiled_decode_sums_in_feature_order():
+    """The fixed summation order: bias, then each row's pairs by ascending
+    feature (a repeated feature in code order), one float32 add each."""
+    g = torch.Generator().manual_seed(7)
+    B, d, F, k = 9, 20, 300, 40
+    idx = torch.randint(0, F, (B, k), generator=g)
+    # exact products (20-bit values times 3-bit weights), magnitudes 2^-20..2^20:
+    # only the order of the adds decides the rounding, FMA or not
+    scale = torch.pow(2.0, torch.randint(-20, 21, (B, k), generator=g).double())
+    v = (torch.randint(-(1 << 19), 1 << 19, (B, k), generator=g).double() * scale).float()
+    w = torch.randint(-7, 8, (F, d), generator=g).float()
+    b = rnd(g, d).float()
+    with emu.strategy_scope(tiled="on"):
+        out = E.sparse_decode(v, idx, w, b, True)
+    order = torch.sort(idx, dim=1, stable=True).indices
+    expect = b.expand(B, d).clone()
+    for j in range(k):
+        col = order[:, j]
+        expect = expect + v.gather(1, col[:, None]) * w[idx.gather(1, col[:, None])[:, 0]]
+    assert torch.equal(out, expect)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_tiled_decode_auto_and_backward_form(dtype):
+    """auto takes the tiled form where the density says so (the CUDA rule,
+    though the emulated tensors are on the CPU), "off" and a forced gather or
+    dense mode never; the backward is the same whatever the forward took."""
+    g = torch.Generator().manual_seed(8)
+    B, d, F, k = 300, 65, 400, 37  # reuse k * 256 / F = 23.7, density 0.09
+    v, idx, w, b = tiled_case(g, B, d, F, k, False, dtype)
+    up = rnd(g, B, d).to(dtype)
+    with emu.strategy_scope("auto", tiled="on"):
+        tiled = E.sparse_decode(v, idx, w, b, True)
+        bwd_tiled = E.sparse_decode_backward(up, v, idx, w, True, True, True)
+    with emu.strategy_scope("auto", tiled="auto"):
+        auto = E.sparse_decode(v, idx, w, b, True)
+        bwd_auto = E.sparse_decode_backward(up, v, idx, w, True, True, True)
+    with emu.strategy_scope("auto", tiled="off"):
+        off = E.sparse_decode(v, idx, w, b, True)
+        bwd_off = E.sparse_decode_backward(up, v, idx, w, True, True, True)
+    with emu.strategy_scope("gather"):
+        gathered = E.sparse_decode(v, idx, w, b, True)
+    # float32 without TF32: below the SIMT bound (0.25), so auto is tiled; 16-bit:
+    # above the tensor-core bound (0.03), so auto is the gather/dense form
+    assert torch.equal(auto, tiled if dtype == torch.float32 else off)
+    assert torch.equal(gathered, off)  # the emulated fallback decides by the CPU rule: gather here
+    if dtype == torch.float32:
+        assert not torch.equal(tiled, off)  # the two summation orders round differently here
+    close(tiled, off, dtype, scale=math.sqrt(k))
+    for a, c in zip(bwd_tiled + bwd_auto, bwd_off + bwd_off):
+        assert torch.equal(a, c)
+    with emu.strategy_scope("auto", tiled="auto"):
+        assert emu.strategy()["tiled"] == "auto"
+    assert emu.strategy()["tiled"] == "auto"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_topk_encode_backward_dx_tiled(dtype, seed):
+    """topk_encode's backward dx in the gather form is sparse_decode's
+    gather-sum of the masked gradient: with the tiled kernel on it is that
+    kernel's result bitwise (ReLU-clamped values pass no gradient), close to
+    the gather's; dW and db do not change."""
+    g = torch.Generator().manual_seed(10)
+    B, d, F, k = 270, 65, 300, 24
+    x, w, b = rnd(g, B, d).to(dtype), rnd(g, F, d).to(dtype), rnd(g, F).to(dtype)
+    v, i = E.topk_encode(x, w, b, k, None)
+    v = v.clone()
+    v[::3, -1] = 0  # clamped by ReLU: no gradient
+    up = rnd(g, B, k).to(dtype)
+    masked = torch.where(v > 0, up, torch.zeros_like(up))
+    with emu.strategy_scope("gather", tiled="on"):
+        gx, gw, gb = E.topk_encode_backward(up, v, i, x, w, None, True, True, True)
+        direct = E.sparse_decode(masked, i, w, None, True)
+    with emu.strategy_scope("gather", tiled="off"):
+        gx0, gw0, gb0 = E.topk_encode_backward(up, v, i, x, w, None, True, True, True)
+    assert torch.equal(gx, direct)
+    close(gx, gx0, dtype, scale=math.sqrt(k))
+    assert torch.equal(gw, gw0) and torch.equal(gb, gb0)
+    with emu.strategy_scope("dense", tiled="on"):  # the dense form keeps its GEMM
+        gxd, _, _ = E.topk_encode_backward(up, v, i, x, w, None, True, False, True)
+    with emu.strategy_scope("dense", tiled="off"):
+        gxd0, _, _ = E.topk_encode_backward(up, v, i, x, w, None, True, False, True)
+    assert torch.equal(gxd, gxd0)

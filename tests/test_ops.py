@@ -793,6 +793,102 @@ def test_auto_strategy_follows_density():
     assert ops.sparse_strategy() == before  # the scope puts back what it found
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_sparse_decode_tiled_cuda(dtype):
+    """The tiled CUDA forward, forced on: against the reference and the gather
+    form, run to run bitwise, at awkward shapes (B past one tile of 256 rows,
+    several feature chunks, d = 1, 33, 65, 300, k = F, repeats, weight rows off
+    a 16-byte boundary); autograd through it takes the recorded form."""
+    g = torch.Generator().manual_seed(9)
+    t = tol(dtype) if dtype in (torch.float32, torch.float64) else dict(atol=8e-2, rtol=5e-2)
+    for B, d, F, k, repeats in [(300, 65, 400, 37, False), (5, 1, 50, 1, False), (4, 33, 200, 200, False),
+                                (260, 300, 450, 9, True), (513, 64, 1000, 40, False), (3, 64, 7, 40, True)]:
+        values, indices = random_code(B, k, F, "cuda", dtype, g, repeats=repeats)
+        for offset in (0, 1):
+            base = torch.randn(F * d + offset, generator=g, dtype=torch.float64).to("cuda", dtype)
+            weight = base[offset:].view(F, d)
+            bias = torch.randn(d, generator=g, dtype=torch.float64).to("cuda", dtype)
+            with ops.sparse_strategy_scope("auto", tiled="on"):
+                out = ops.sparse_decode(values, indices, weight, bias)
+                again = ops.sparse_decode(values, indices, weight, bias)
+            with ops.sparse_strategy_scope("gather", tiled="off"):
+                gathered = ops.sparse_decode(values, indices, weight, bias)
+            ref = R.sparse_decode(values.double(), indices, weight.double(), bias.double())
+            scale = max(1.0, k ** 0.5)
+            torch.testing.assert_close(out.double(), ref, atol=t["atol"] * scale, rtol=t["rtol"])
+            torch.testing.assert_close(out.double(), gathered.double(), atol=t["atol"] * scale, rtol=t["rtol"])
+            assert torch.equal(out, again)
+    v, w = leaf(values), leaf(weight)
+    with ops.sparse_strategy_scope("gather", tiled="on"):
+        out = ops.sparse_decode(v, indices, w)
+    gv, gw = torch.autograd.grad(out, (v, w), torch.ones_like(out))
+    with ops.sparse_strategy_scope("gather", tiled="off"):
+        out2 = ops.sparse_decode(v, indices, w)
+    gv2, gw2 = torch.autograd.grad(out2, (v, w), torch.ones_like(out2))
+    assert torch.equal(gv, gv2) and torch.equal(gw, gw2)
+
+
+def test_tiled_forward_rule():
+    """The selection of sparse_decode's batch-tiled CUDA forward (strategy.h):
+    host logic, no device needed. Reuse k * min(B, 256) / F >= tiled_min_reuse
+    and density below the bound for the dtype's GEMM; never on the CPU; "on"
+    and "off" force it; the recorded backward form ignores it."""
+    before = ops.sparse_strategy()
+    rule = ops._ext._C.use_tiled_forward  # (on_cpu, half_or_bf16, is_float32, B, k, F)
+    P = (4096, 1024, 50000)
+    # the defaults: P in 16-bit keeps the dense GEMM (2.05% >= 0.02), float32 P takes the tiled form
+    assert before["tiled"] == "auto" and before["tiled_min_reuse"] == 2.0
+    assert before["tiled_max_density"] == 0.02 and before["tiled_fp32_max_density"] == 0.25
+    with ops.sparse_strategy_scope("auto", cuda_min_density=0.01, tiled="auto", tiled_min_reuse=2.0,
+                                   tiled_max_density=0.03,
+                                   tiled_fp32_max_density=0.25):
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            assert rule(False, True, False, *P)                       # bf16 at P: 2%, reuse 5.2
+            assert rule(False, False, True, *P)                       # float32 (SIMT) at P
+            assert not rule(True, True, False, *P)                    # never on the CPU
+            assert not rule(False, True, False, 8192, 64, 65536)      # S: reuse 0.25
+            assert not rule(False, True, False, 4096, 4096, 50000)    # bf16, 8%: the dense GEMM
+            assert rule(False, False, True, 4096, 4096, 50000)        # float32 SIMT, 8%
+            assert not rule(False, False, True, 4096, 16384, 50000)   # float32, 33%
+            assert not rule(False, False, True, 4, 100, 1000)         # B = 4: reuse 0.4
+            assert rule(False, False, True, 40, 100, 1000)            # B = 40: reuse 4
+            assert not rule(False, False, True, 0, 100, 1000)         # B = 0
+            assert not rule(False, True, False, 4096, 0, 50000)       # k = 0
+            assert rule(False, False, False, *P)                      # float64: the SIMT bound
+            ops.set_sparse_strategy(tiled_min_reuse=6.0)
+            assert not rule(False, True, False, *P)
+            ops.set_sparse_strategy(tiled_min_reuse=2.0, tiled_max_density=0.02)
+            assert not rule(False, True, False, *P)
+            ops.set_sparse_strategy(tiled_max_density=0.03)
+            for mode in ("gather", "dense"):  # a forced form wins over auto
+                ops.set_sparse_strategy(mode)
+                assert not rule(False, True, False, *P)
+            ops.set_sparse_strategy("gather", tiled="on")
+            assert rule(False, True, False, *P) and rule(False, True, False, 8192, 64, 65536)
+            assert not rule(True, True, False, *P)
+            ops.set_sparse_strategy("auto", tiled="off")
+            assert not rule(False, True, False, *P)
+            # the form a forward records for its backward does not depend on it
+            forms = set()
+            for tiled in ("auto", "on", "off"):
+                ops.set_sparse_strategy(tiled=tiled)
+                forms.add(ops._ext._C.sparse_form(False, True, False, *P))
+            assert forms == {ops.sparse_strategy()["dense_block_bytes"]}
+            assert not ops.uses_tiled_forward(torch.zeros(4096, 1024), 50000)  # CPU tensors
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+        assert ops.sparse_strategy()["tiled"] == "off"
+    assert ops.sparse_strategy() == before
+    with pytest.raises(ValueError, match=r"'tiled' must be one of .*got 'yes'"):
+        ops.set_sparse_strategy(tiled="yes")
+    with pytest.raises(ValueError, match=r"'tiled_min_reuse' must be a number >= 0, got -1.0"):
+        ops.set_sparse_strategy(tiled_min_reuse=-1)
+    assert ops.sparse_strategy() == before
+
+
 def test_sparse_strategy_bad_arguments():
     before = ops.sparse_strategy()
     with pytest.raises(ValueError, match=r"'mode' must be one of .*got 'fast'"):

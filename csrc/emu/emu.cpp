@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <deque>
 #include <exception>
+#include <map>
 #include <mutex>
 #include <numeric>
 #include <random>
@@ -575,7 +576,24 @@ void* dynamic_shared() {
   return g_run->dyn.empty() ? nullptr : g_run->dyn.data();
 }
 
-void run_launch(const char* kernel, dim3 grid, dim3 block, size_t smem, Body body, void* ctx) {
+std::mutex g_limit_mutex;
+std::map<const void*, size_t> g_smem_limits;  // kernels opted into more dynamic shared memory
+
+void set_dynamic_shared_limit(const void* fn, int bytes) {
+  // sm_90's opt-in maximum per block
+  TORCH_CHECK(bytes >= 0 && bytes <= 227 * 1024, "emu: cudaFuncSetAttribute: ", bytes,
+              " bytes of dynamic shared memory exceed the 227 KiB a block can opt into");
+  std::lock_guard<std::mutex> lock(g_limit_mutex);
+  g_smem_limits[fn] = static_cast<size_t>(bytes);
+}
+
+size_t dynamic_shared_limit(const void* fn) {
+  std::lock_guard<std::mutex> lock(g_limit_mutex);
+  const auto it = g_smem_limits.find(fn);
+  return it == g_smem_limits.end() ? size_t{48 * 1024} : std::max(size_t{48 * 1024}, it->second);
+}
+
+void run_launch(const char* kernel, dim3 grid, dim3 block, size_t smem, Body body, void* ctx, size_t smem_limit) {
   std::lock_guard<std::mutex> lock(g_mutex);
   TORCH_CHECK(g_run == nullptr, "emu: kernel ", kernel, " launched from inside a kernel");
   const uint64_t nthreads = uint64_t(block.x) * block.y * block.z;
@@ -584,8 +602,8 @@ void run_launch(const char* kernel, dim3 grid, dim3 block, size_t smem, Body bod
               grid.z, ")");
   TORCH_CHECK(nthreads >= 1 && nthreads <= 1024 && block.z <= 64, "emu: kernel ", kernel,
               ": invalid configuration argument: block (", block.x, ",", block.y, ",", block.z, ")");
-  TORCH_CHECK(smem <= 48 * 1024, "emu: kernel ", kernel, ": ", smem,
-              " bytes of dynamic shared memory exceed the 48 KiB a launch gets without opting in");
+  TORCH_CHECK(smem <= smem_limit, "emu: kernel ", kernel, ": ", smem, " bytes of dynamic shared memory exceed the ",
+              smem_limit, " bytes it may launch with (48 KiB without opting in by cudaFuncSetAttribute)");
   if (!g_seed_from_env) {
     g_seed_from_env = true;
     if (g_seed == 0) g_seed = env_seed();

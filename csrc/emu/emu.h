@@ -73,6 +73,7 @@ struct alignas(16) uint4 {
 };
 typedef struct CUstream_st* cudaStream_t;
 constexpr int warpSize = 32;
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 
 namespace emu {
 
@@ -100,7 +101,13 @@ unsigned lane_id();
 void* dynamic_shared();
 
 using Body = void (*)(void*);
-void run_launch(const char* kernel, dim3 grid, dim3 block, size_t smem, Body body, void* ctx);
+// smem_limit: the most dynamic shared memory the kernel may launch with (48
+// KiB, or what cudaFuncSetAttribute opted it into).
+void run_launch(const char* kernel, dim3 grid, dim3 block, size_t smem, Body body, void* ctx,
+                size_t smem_limit = 48 * 1024);
+// cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, n)
+void set_dynamic_shared_limit(const void* fn, int bytes);
+size_t dynamic_shared_limit(const void* fn);
 
 template <typename T>
 uint64_t to_bits(T v) {
@@ -136,7 +143,7 @@ struct Launcher {
     detail::run_launch(name, grid, block, smem, [](void* c) {
       auto* x = static_cast<Ctx*>(c);
       std::apply(x->fn, x->args);  // every thread gets its own copy of the arguments
-    }, &ctx);
+    }, &ctx, detail::dynamic_shared_limit(reinterpret_cast<const void*>(fn)));
   }
 };
 
@@ -144,6 +151,20 @@ template <typename... P, typename S>
 Launcher<P...> launch(const char* name, void (*fn)(P...), dim3 grid, dim3 block, size_t smem, const S&) {
   return Launcher<P...>{name, fn, grid, block, smem};
 }
+
+}  // namespace emu
+
+// A kernel's opt-in to more than 48 KiB of dynamic shared memory (up to sm_90's
+// 227 KiB); the emulated launch checks its size against it.
+template <typename... P>
+int cudaFuncSetAttribute(void (*fn)(P...), cudaFuncAttribute attr, int value) {
+  if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize) {
+    ::emu::detail::set_dynamic_shared_limit(reinterpret_cast<const void*>(fn), value);
+  }
+  return 0;
+}
+
+namespace emu {
 
 // A vector access (8 or 16 bytes at once) must be aligned to its size: on the
 // GPU a misaligned one stops the kernel (cudaErrorMisalignedAddress), which an

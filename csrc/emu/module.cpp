@@ -31,6 +31,8 @@ py::dict sparse_strategy() {
   d["cuda_fp32_min_density"] = s.cuda_fp32_min_density;
   d["dense_block_bytes"] = s.dense_block_bytes;
   d["encode_block_bytes"] = s.encode_block_bytes;
+  const char* tiled[] = {"auto", "on", "off"};
+  d["tiled"] = tiled[static_cast<int>(s.tiled)];
   return d;
 }
 
@@ -60,10 +62,12 @@ PYBIND11_MODULE(_C_emu, m) {
   m.def("shared_csr_stats", &dualenc_fast::shared_csr_stats, py::arg("reset") = false,
         "(transposes built, transposes reused) since the last reset.");
   // Validated in Python (dualenc_fast.emu).
-  m.def("set_sparse_strategy", [](int mode, int64_t dense_block_bytes, int64_t encode_block_bytes) {
+  m.def("set_sparse_strategy", [](int mode, int64_t dense_block_bytes, int64_t encode_block_bytes, int tiled) {
     auto& s = dualenc_fast::sparse_strategy();
+    s.tiled = static_cast<dualenc_fast::TiledMode>(tiled);
     s.mode = static_cast<dualenc_fast::SparseMode>(mode);
     s.dense_block_bytes = dense_block_bytes;
     s.encode_block_bytes = encode_block_bytes;
-  }, py::arg("mode"), py::arg("dense_block_bytes"), py::arg("encode_block_bytes"));
+  }, py::arg("mode"), py::arg("dense_block_bytes"), py::arg("encode_block_bytes"),
+     py::arg("tiled"));
 }

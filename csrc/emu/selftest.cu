@@ -160,6 +160,15 @@ __global__ void misaligned_kernel(int* out) {
   out[threadIdx.x] = 1;
 }
 
+// A 64 KiB dynamic buffer (over the 48 KiB default: the launch needs the
+// kernel's cudaFuncSetAttribute opt-in): out[t] = 63 - t through its far end.
+__global__ void big_shared_kernel(int* out) {
+  extern __shared__ int big[];
+  big[16 * 1024 - 64 + threadIdx.x] = static_cast<int>(threadIdx.x);
+  __syncthreads();
+  out[threadIdx.x] = big[16 * 1024 - 1 - threadIdx.x];
+}
+
 // Runs self-test `name`; returns the kernel's output (primitives: kFields per
 // thread, then the global counter).
 std::vector<int64_t> run(const std::string& name) {
@@ -205,6 +214,11 @@ std::vector<int64_t> run(const std::string& name) {
   } else if (name == "misaligned") {
     alignas(16) static int buf[64];
     DUALENC_LAUNCH(misaligned_kernel, 1, 64, 0, 0)(buf);
+  } else if (name == "big_shared_opt_in") {
+    cudaFuncSetAttribute(big_shared_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024);
+    DUALENC_LAUNCH(big_shared_kernel, 1, 64, 64 * 1024, 0)(out.data());
+  } else if (name == "big_shared") {  // no opt-in for this kernel
+    DUALENC_LAUNCH(missing_sync_kernel, 1, 64, 64 * 1024, 0)(out.data());
   } else if (name == "bad_block") {
     DUALENC_LAUNCH(missing_sync_kernel, 1, 2048, 64 * sizeof(int), 0)(out.data());
   } else {

@@ -1,6 +1,9 @@
 // CUDA kernels of sparse_decode and its backward: the shared host code
 // (ops/sparse_impl.h) on the CUDA primitives (ops/cuda/primitives.cuh), under
-// a device guard, on the current stream. When the backward needs dvalues in
+// a device guard, on the current stream. The forward has a third form, the
+// batch-tiled kernel (ops/cuda/tiled_decode_cuda.cu), where use_tiled_forward
+// (strategy.h) picks it; it is forward-only, so the backward's form stays the
+// gather or dense one the forward recorded. When the backward needs dvalues in
 // the gather form it makes one feature-major pass instead (dot_scatter_rows,
 // with dW too when wanted): each weight row is read once per work item, and
 // each pair's g row serves its dvalue and its dW term together, where row_dot
@@ -12,7 +15,9 @@
 #include <torch/library.h>
 
 #include "ops/cuda/primitives.cuh"
+#include "ops/cuda/tiled_decode.h"
 #include "ops/sparse_impl.h"
+#include "strategy.h"
 
 namespace dualenc_fast::cuda {
 namespace {
@@ -23,7 +28,14 @@ at::Tensor sparse_decode_cuda(const at::Tensor& values,   // [B, k]
                               const std::optional<at::Tensor>& bias,  // [d] or None
                               bool check_indices) {
   const c10::cuda::CUDAGuard guard(values.device());
-  return sparse_decode_impl<Prims>(values, indices, weight, bias, check_indices);
+  check_sparse_decode_args(values, indices, weight, bias, check_indices);
+  const auto t = values.scalar_type();
+  // the CUDA rule even in the emulated build, whose tensors live on the CPU
+  if (use_tiled_forward(/*on_cpu=*/false, t == at::kHalf || t == at::kBFloat16, t == at::kFloat, values.size(0),
+                        values.size(1), weight.size(0))) {
+    return tiled_decode(values, indices, weight, bias);
+  }
+  return sparse_decode_impl<Prims>(values, indices, weight, bias, /*check_indices=*/false);
 }
 
 std::tuple<at::Tensor, at::Tensor> sparse_decode_backward_cuda(

@@ -1,7 +1,8 @@
 // CUDA kernels of topk_encode: the encoder GEMM (cuBLAS through at::addmm) in
 // row blocks, then one thread block per row selects the row's top k of
 // ReLU(z) (topk_select_kernel) and sorts them in shared memory. The backward
-// is the sparse primitives only.
+// is the sparse primitives only (its dx in the gather form through the tiled
+// sparse_decode kernel where use_tiled_forward takes it).
 //
 // The select: a radix select in the style of "AIR top-k" (RAFT / cuVS
 // select_k), on a 31 + nb bit key per element, unique within a row:
@@ -57,8 +58,10 @@
 #include "checks.h"
 #include "csr_share.h"
 #include "ops/cuda/primitives.cuh"
+#include "ops/cuda/tiled_decode.h"
 #include "ops/sparse_impl.h"
 #include "ops/topk_encode.h"
+#include "strategy.h"
 
 namespace dualenc_fast::cuda {
 namespace {
@@ -463,8 +466,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_backward_cuda(
     const std::optional<at::Tensor>& pre_bias,  // [d] or None
     bool need_x_grad, bool need_weight_grad, bool check_indices, int64_t sparse_form) {
   const c10::cuda::CUDAGuard guard(values.device());
-  return topk_encode_backward_impl<Prims>(grad_values, values, indices, x, weight, pre_bias, need_x_grad,
-                                          need_weight_grad, check_indices, sparse_form);
+  check_topk_encode_backward_args(grad_values, values, indices, x, weight, pre_bias, check_indices);
+  // dx = sum_j g[b, j] W[idx[b, j]] is the gather-sum of sparse_decode's
+  // forward: in the gather form it takes the tiled kernel where that forward
+  // would (the CUDA rule of use_tiled_forward); dW and db keep their form
+  const int64_t B = values.size(0), k = values.size(1), F = weight.size(0);
+  const auto t = values.scalar_type();
+  const bool tiled = need_x_grad && resolve_sparse_form(sparse_form, values, k, F) == 0 &&
+                     use_tiled_forward(/*on_cpu=*/false, t == at::kHalf || t == at::kBFloat16, t == at::kFloat, B,
+                                       k, F);
+  if (!tiled) {
+    return topk_encode_backward_impl<Prims>(grad_values, values, indices, x, weight, pre_bias, need_x_grad,
+                                            need_weight_grad, /*check_indices=*/false, sparse_form);
+  }
+  auto grads = topk_encode_backward_impl<Prims>(grad_values, values, indices, x, weight, pre_bias,
+                                                /*need_x_grad=*/false, need_weight_grad, /*check_indices=*/false,
+                                                sparse_form);
+  // the same masked gradient as the impl's (threshold_backward)
+  std::get<0>(grads) = tiled_decode(at::threshold_backward(grad_values, values, 0), indices, weight, std::nullopt);
+  return grads;
 }
 
 }  // namespace
