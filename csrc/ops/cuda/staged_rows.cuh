@@ -42,13 +42,13 @@
 // the 8 lanes of a quarter warp read 16 bytes each of random rows, so their
 // accesses collide in a bank quad about twice on average: ~1.8 ms. Issue
 // (nvcc 13.0, sm_90 SASS, bf16: 48 registers, no spills; 512 threads, one
-// block per SM at 192 KB): the pair loop, unrolled by 4, is 123 instructions,
-// ~31 per (pair, 8 columns) (2 global loads, a 16-byte shared load, 8 FMAs,
-// 12 bf16 unpacks, the address and the coefficient sum), x nnz x d / 8 / 32
-// = 1.6 G warp-instructions at ~927 G/s: ~1.75 ms. Estimate: ~1.75-2 ms per
-// product, about the 1.64-2.0 ms of the bf16 GEMM it replaces, not the ~1 ms
-// hoped for: a measurement decides. (Unpacking the high bf16 halves with one
-// AND instead of PRMT + shift would save ~4 instructions per pair.)
+// block per SM at 192 KB): the pair loop, unrolled by 4, is 106 instructions,
+// ~26.5 per (pair, 8 columns) (2 global loads, a 16-byte shared load, 8 FMAs,
+// 8 bf16 widenings (see widen), the address and the coefficient sum),
+// x nnz x d / 8 / 32 = 1.39 G warp-instructions at ~927 G/s: ~1.5 ms.
+// Estimate: ~1.5-1.8 ms per product (issue or shared-memory conflicts), a
+// little under the 1.64-2.0 ms of the bf16 GEMM it replaces, not the ~1 ms
+// hoped for: a measurement decides.
 #pragma once
 
 #include <ATen/OpMathType.h>
