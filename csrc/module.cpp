@@ -130,4 +130,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_encode_block_bytes", [](int64_t n) { dualenc_fast::sparse_strategy().encode_block_bytes = n; });
   m.def("dense_dv_block_bytes", []() { return dualenc_fast::sparse_strategy().dense_dv_block_bytes; });
   m.def("set_dense_dv_block_bytes", [](int64_t n) { dualenc_fast::sparse_strategy().dense_dv_block_bytes = n; });
+  // Validated in Python (dualenc_fast.ops.set_dense_weight_grads).
+  m.def("dense_weight_grads_staged", []() { return dualenc_fast::sparse_strategy().dense_wgrad_staged; });
+  m.def("set_dense_weight_grads_staged", [](bool on) { dualenc_fast::sparse_strategy().dense_wgrad_staged = on; });
 }

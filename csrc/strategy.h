@@ -82,6 +82,16 @@ struct SparseStrategy {
   double tiled_max_density = 0.02;
   double tiled_fp32_max_density = 0.25;
   TiledMode tiled = TiledMode::Auto;
+  // The dense form's weight gradients (code^T @ y of sparse_decode and
+  // topk_encode backward, and topk_encode's bias gradient) on CUDA: false = the
+  // GEMMs on the scattered code (BlockGradSum); true = staged_scatter_rows
+  // (ops/cuda/staged_rows.cuh) over the code's shared transpose. The CPU always
+  // takes the GEMMs. Set from Python (dualenc_fast.ops.set_dense_weight_grads).
+  bool dense_wgrad_staged = false;
+  // Shared-memory bytes per block for staged_scatter_rows (0: the device's
+  // opt-in maximum); a batch whose staged slice does not fit falls back to the
+  // feature-major kernel. Set by the emulator's tests to force that fallback.
+  int64_t staged_smem_bytes = 0;
 };
 
 // Fewest features in a chunk of the dense dvalues product (narrower GEMMs

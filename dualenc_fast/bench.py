@@ -25,6 +25,7 @@ figure is a median.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -347,73 +348,88 @@ def op_figures(s: Shape, device, dtype, repeats: int) -> dict:
 
 
 # --------------------------------------------------------------------------- design A/B
-def _share_transposes_off():
-    from contextlib import contextmanager
+@contextlib.contextmanager
+def _setting(get: Callable, set_: Callable, value):
+    """A process-wide setting of :mod:`dualenc_fast.ops` at ``value`` for the
+    length of a ``with`` block, put back after."""
+    was = get()
+    set_(value)
+    try:
+        yield
+    finally:
+        set_(was)
 
+
+def _ops():
     from . import ops
 
-    @contextmanager
-    def scope():
-        was = ops.share_transposes()
-        ops.set_share_transposes(False)
-        try:
-            yield
-        finally:
-            ops.set_share_transposes(was)
-
-    return scope()
+    return ops
 
 
-def _dense_dv_chunks_off():
-    from contextlib import contextmanager
-
-    from . import ops
-
-    @contextmanager
-    def scope():
-        was = ops.dense_dv_block_bytes()
-        ops.set_dense_dv_block_bytes(0)
-        try:
-            yield
-        finally:
-            ops.set_dense_dv_block_bytes(was)
-
-    return scope()
-
-
-# name -> (what the design is, a context manager factory switching it off)
+# name -> (what the design is, a context manager factory, [which way it switches]).
+# Two fields: a shipped design and a factory switching it OFF. A third field
+# "on": a non-default alternative and a factory switching it ON (the step as
+# shipped is then its "off" side), so for every entry "on" means the design in
+# use and off / on > 1 that it helps.
 DESIGNS: Dict[str, tuple] = {
     "shared_transposes": ("one transpose per code shared by its backward products "
-                          "(ops.set_share_transposes)", _share_transposes_off),
+                          "(ops.set_share_transposes)",
+                          lambda: _setting(_ops().share_transposes, _ops().set_share_transposes, False)),
     "dense_dv_chunks": ("the dense form's dvalues in cache-sized feature chunks read back through the "
                         "transpose, no [rows, F] product in memory (ops.set_dense_dv_block_bytes)",
-                        _dense_dv_chunks_off),
+                        lambda: _setting(_ops().dense_dv_block_bytes, _ops().set_dense_dv_block_bytes, 0)),
+    "tiled_forward": ("the batch-tiled CUDA forward where 'auto' takes it (float32 at P), against the "
+                      "gather or dense form it replaces (ops.set_sparse_strategy(tiled=...))",
+                      lambda: _ops().sparse_strategy_scope(tiled="off")),
+    "tiled_forward_on": ("the batch-tiled CUDA forward forced on, e.g. bfloat16 at P where 'auto' keeps the "
+                         "dense GEMM (a toss-up by arithmetic; CUDA only, not the default there)",
+                         lambda: _ops().sparse_strategy_scope(tiled="on"), "on"),
+    "staged_weight_grads": ("the dense form's weight gradients by a feature-major kernel over column slices "
+                            "of y staged in shared memory instead of the GEMMs (ops.set_dense_weight_grads; "
+                            "CUDA only, not the default)",
+                            lambda: _setting(_ops().dense_weight_grads, _ops().set_dense_weight_grads, "staged"),
+                            "on"),
 }
+
+
+def design_switch(name: str) -> str:
+    """"off" when DESIGNS[name]'s factory switches a shipped design off,
+    "on" when it switches a non-default alternative on."""
+    entry = DESIGNS[name]
+    switch = entry[2] if len(entry) > 2 else "off"
+    if switch not in ("off", "on"):
+        raise ValueError(f"DESIGNS[{name!r}]: the third field must be 'off' or 'on', got {switch!r}")
+    return switch
 
 
 def design_ab(step: Callable, x, device, names, repeats: int, warmup: int = 1, log=print) -> dict:
     """The fused step with each named design switched off, interleaved round by
     round with the same step as shipped (one set of parameters and one Adam for
     both, so memory and data are the same): the before/after of each design in
-    one run. Reports the paired median of off / on (> 1: the design helps)."""
+    one run. Reports the paired median of off / on (> 1: the design helps).
+    A non-default alternative (DESIGNS entry with "on") is measured the other
+    way round: switched on against the step as shipped; "switch" says which."""
     out = {}
     log("design A/B: the fused step with the design off / on (paired median; > 1 means the design helps):")
     for name in names:
         if name not in DESIGNS:
             raise ValueError(f"unknown design {name!r}; choose from {sorted(DESIGNS)}")
-        what, off = DESIGNS[name]
+        what, factory = DESIGNS[name][:2]
+        switch = design_switch(name)
 
-        def step_off(x_, _off=off):
-            with _off():
+        def switched(x_, _factory=factory):
+            with _factory():
                 return step(x_)
 
-        times = time_paths({"on": step, "off": step_off}, x, device, repeats, warmup)
+        paths = {"on": step, "off": switched} if switch == "off" else {"on": switched, "off": step}
+        times = time_paths(paths, x, device, repeats, warmup)
         ratio = statistics.median(a / b for a, b in zip(times["off"], times["on"]))
-        out[name] = {"what": what, "on_s": statistics.median(times["on"]),
+        out[name] = {"what": what, "switch": switch, "on_s": statistics.median(times["on"]),
                      "off_s": statistics.median(times["off"]), "off_over_on_paired": ratio,
                      "on_all": times["on"], "off_all": times["off"]}
+        how = "(shipped; measured switched off)" if switch == "off" else "(not the default; measured switched on)"
         log(f"  {name:<20} on {out[name]['on_s'] * 1e3:9.3f} ms  off {out[name]['off_s'] * 1e3:9.3f} ms  "
-            f"off/on {ratio:.3f}")
+            f"off/on {ratio:.3f}  {how}")
     return out
 
 

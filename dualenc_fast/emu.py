@@ -129,6 +129,26 @@ def dense_dv_scope(nbytes: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def dense_weight_grads_scope(mode: str, smem_bytes: int = 0) -> Iterator[None]:
+    """The emulated module's :func:`dualenc_fast.ops.set_dense_weight_grads`
+    for the length of a ``with`` block, with the staged kernel's shared-memory
+    budget per block (``smem_bytes``; 0: sm_90's 227 KB), which tests lower to
+    make a batch's slice not fit (the fallback to the feature-major kernel)."""
+    if mode not in ("gemm", "staged"):
+        raise ValueError(f"dualenc_fast.emu: argument 'mode' must be 'gemm' or 'staged', got {mode!r}")
+    if isinstance(smem_bytes, bool) or not isinstance(smem_bytes, int) or smem_bytes < 0:
+        raise ValueError(f"dualenc_fast.emu: argument 'smem_bytes' must be an int >= 0, got {smem_bytes!r}")
+    before = (bool(module().dense_weight_grads_staged()), int(module().staged_smem_bytes()))
+    module().set_dense_weight_grads_staged(mode == "staged")
+    module().set_staged_smem_bytes(smem_bytes)
+    try:
+        yield
+    finally:
+        module().set_dense_weight_grads_staged(before[0])
+        module().set_staged_smem_bytes(before[1])
+
+
+@contextlib.contextmanager
 def strategy_scope(mode: Optional[str] = None, **settings) -> Iterator[None]:
     before = strategy()
     set_strategy(mode, **settings)

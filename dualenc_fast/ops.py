@@ -28,6 +28,7 @@ __all__ = [
     "clear_buffer_cache",
     "dense_code",
     "dense_dv_block_bytes",
+    "dense_weight_grads",
     "fm_interaction",
     "encode_block_bytes",
     "index_checks",
@@ -36,6 +37,7 @@ __all__ = [
     "set_encode_block_bytes",
     "set_buffer_cache_limit",
     "set_dense_dv_block_bytes",
+    "set_dense_weight_grads",
     "set_index_checks",
     "set_share_transposes",
     "set_sparse_strategy",
@@ -248,6 +250,26 @@ def set_dense_dv_block_bytes(nbytes: int) -> None:
     if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
         raise ValueError(f"dualenc_fast: argument 'nbytes' must be an int >= 0, got {nbytes!r}")
     _ext._C.set_dense_dv_block_bytes(nbytes)
+
+
+def dense_weight_grads() -> str:
+    """``"gemm"`` or ``"staged"``; see :func:`set_dense_weight_grads`."""
+    return "staged" if _ext._C.dense_weight_grads_staged() else "gemm"
+
+
+def set_dense_weight_grads(mode: str) -> None:
+    """How the dense form computes the weight gradients of ``sparse_decode``
+    (``code^T @ grad_out``) and ``topk_encode`` (``gcode^T @ x`` and the bias
+    gradient) on CUDA. ``"gemm"`` (default): GEMMs on the code scattered into
+    ``[rows, F]`` blocks. ``"staged"``: a feature-major kernel over the code's
+    transpose (:func:`set_share_transposes`) that stages column slices of the
+    dense operand for all batch rows in shared memory (a batch whose slice does
+    not fit, over ~14,500 rows on an H100, takes the gather form's kernel).
+    Both give the same values up to float32 rounding order. CUDA only: the CPU
+    always takes the GEMMs. Process-wide."""
+    if mode not in ("gemm", "staged"):
+        raise ValueError(f"dualenc_fast: argument 'mode' must be 'gemm' or 'staged', got {mode!r}")
+    _ext._C.set_dense_weight_grads_staged(mode == "staged")
 
 
 def buffer_cache_limit() -> int:

@@ -98,6 +98,52 @@ def test_design_ab_times_each_design_off_and_on_and_restores_it(tmp_path):
         assert len(row["on_all"]) == len(row["off_all"]) == 3
     assert any("off/on" in line for line in lines)
     assert ops.share_transposes() is True
+    # a non-default alternative is measured switched on, and left off after
+    assert ab["staged_weight_grads"]["switch"] == "on" and ab["shared_transposes"]["switch"] == "off"
+    assert any("staged_weight_grads" in line and "measured switched on" in line for line in lines)
+    assert ops.dense_weight_grads() == "gemm"
+
+
+def test_design_ab_switches_each_entry_the_way_it_says(monkeypatch):
+    """A two-field entry's factory runs on the "off" side (a shipped design
+    switched off), a three-field "on" entry's on the "on" side (an alternative
+    switched on); anything else in the third field is refused."""
+    from contextlib import contextmanager
+
+    seen = []
+
+    def factory():
+        @contextmanager
+        def scope():
+            seen.append("factory")
+            yield
+        return scope()
+
+    def step(x_):
+        seen.append("step")
+        return x_
+
+    calls = {}
+
+    def fake_time_paths(paths, x, device, repeats, warmup):
+        out = {}
+        for side, fn in paths.items():
+            seen.clear()
+            fn(x)
+            calls[side] = "factory" in seen
+            out[side] = [1.0, 1.0, 1.0]
+        return out
+
+    monkeypatch.setattr(bench, "time_paths", fake_time_paths)
+    monkeypatch.setattr(bench, "DESIGNS", {"a": ("shipped", factory), "b": ("alternative", factory, "on"),
+                                           "c": ("broken", factory, "sideways")})
+    ab = bench.design_ab(step, 0, "cpu", ["a"], repeats=3, log=lambda *_: None)
+    assert ab["a"]["switch"] == "off" and calls == {"on": False, "off": True}
+    ab = bench.design_ab(step, 0, "cpu", ["b"], repeats=3, log=lambda *_: None)
+    assert ab["b"]["switch"] == "on" and calls == {"on": True, "off": False}
+    with pytest.raises(ValueError, match="third field must be 'off' or 'on'"):
+        bench.design_ab(step, 0, "cpu", ["c"], repeats=3, log=lambda *_: None)
+    assert {bench.design_switch(n) for n in ("a", "b")} == {"off", "on"}
 
 
 def test_bench_cli_rejects_unknown_design():

@@ -653,6 +653,150 @@ def test_sparse_weight_grads_absent_inputs_and_errors():
         wg_call(c, 10, 2)
 
 
+# --------------------------------------------------------------------------- staged dense weight gradients
+# emu.dense_weight_grads_scope("staged"): the dense form's weight gradients
+# (sparse_decode's dW, topk_encode's dW and db) by staged_scatter_rows
+# (csrc/ops/cuda/staged_rows.cuh) instead of the GEMMs. Column slices of
+# 1-3 vectors of 16 bytes (bf16/fp16: 8-24 columns, float32: 4-12) for every
+# batch row in shared memory; each column summed over its feature's pairs in
+# the transpose's order, so the values are bitwise the gather form's
+# feature-major kernel (scatter_rows), which also serves a batch whose slice
+# does not fit the shared-memory budget.
+DENSE = 1 << 20  # the dense form, row blocks of 1 MiB (the backward ops' sparse_form argument)
+STAGED = [  # (B, d, F, k): hot features (several work items), partial slices, d = 1
+    (700, 300, 20, 8),
+    (700, 1, 20, 8),
+    (700, 33, 20, 8),
+    (40, 100, 5, 3),
+]
+
+
+def staged_case(B, d, F, k, dtype, repeats=False):
+    """(v, idx, w, x, up_d, up_k): a heavy code (or one with repeated indices
+    within rows), a third of the values negative (no encoder gradient there)."""
+    g = torch.Generator().manual_seed(B * 5 + d + F + repeats)
+    if repeats:
+        v, idx = random_code(g, B, k, F, repeats=True)
+        idx[:, 0] = idx[:, 1]  # at least one repeat per row
+    else:
+        v, idx = heavy_code(g, B, k, F)
+    v[::3] = -v[::3]
+    w, x, up_d, up_k = rnd(g, F, d), rnd(g, B, d), rnd(g, B, d), rnd(g, B, k)
+    return tuple(t.to(dtype) for t in (v,)) + (idx,) + tuple(t.to(dtype) for t in (w, x, up_d, up_k))
+
+
+def weight_grads(v, idx, w, x, up_d, up_k, form):
+    """(sparse_decode's dv and dW, topk_encode's dx, dW and db) in `form`."""
+    dv, dw = E.sparse_decode_backward(up_d, v, idx, w, True, True, True, form)
+    dx, ew, eb = E.topk_encode_backward(up_k, v, idx, x, w, None, True, True, True, form)
+    return dv, dw, dx, ew, eb
+
+
+def encoder_ref(v, idx, x, up_k, F):
+    """topk_encode's dW and db in float64 (ReLU: no gradient where v <= 0)."""
+    k = idx.shape[1]
+    flat, up_flat = idx.reshape(-1), (up_k.double() * (v.double() > 0)).reshape(-1)
+    rows = x.double().repeat_interleave(k, 0)
+    rw = torch.zeros(F, x.shape[1], dtype=torch.float64).index_add_(0, flat, up_flat[:, None] * rows)
+    rb = torch.zeros(F, dtype=torch.float64).index_add_(0, flat, up_flat)
+    return rw, rb
+
+
+@pytest.mark.parametrize("shape", STAGED, ids=[f"B{b}_d{d}_F{f}_k{k}" for b, d, f, k in STAGED])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_staged_dense_weight_grads(shape, dtype, seed):
+    B, d, F, k = shape
+    for repeats in (False, True):
+        v, idx, w, x, up_d, up_k = staged_case(B, d, F, k, dtype, repeats)
+        with emu.dense_weight_grads_scope("staged"):
+            staged = weight_grads(v, idx, w, x, up_d, up_k, DENSE)
+        with emu.dense_weight_grads_scope("gemm"):
+            gemm = weight_grads(v, idx, w, x, up_d, up_k, DENSE)
+            gather = weight_grads(v, idx, w, x, up_d, up_k, 0)
+        # against the reference
+        _, (rw,) = ref_grads(lambda w_: R.sparse_decode(v.float(), idx, w_), [w], up_d)
+        rw2, rb2 = encoder_ref(v, idx, x, up_k, F)
+        close(staged[1], rw, dtype, scale=math.sqrt(B))
+        close(staged[3], rw2, dtype, scale=math.sqrt(B))
+        close(staged[4], rb2, dtype, scale=math.sqrt(B))
+        # against the GEMMs (tolerance: another summation order), the other
+        # gradients untouched, and bitwise the gather form's feature-major kernel
+        for i in (1, 3, 4):
+            close(staged[i], gemm[i], dtype, scale=math.sqrt(B))
+            assert torch.equal(staged[i], gather[i])
+        assert torch.equal(staged[0], gemm[0]) and torch.equal(staged[2], gemm[2])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_staged_batch_over_the_shared_memory_budget(dtype, seed):
+    """A budget under one 16-byte group of all B rows: the feature-major
+    kernel instead; at 1, 2 and 3 groups (and above: capped at 3) the staged
+    kernel. Every budget gives the same bits."""
+    B, d, F, k = 300, 70, 12, 5
+    v, idx, w, x, up_d, up_k = staged_case(B, d, F, k, dtype)
+    runs = []
+    for budget in (B * 16 - 1, 1000, B * 16, B * 32, B * 48, B * 64, 0):
+        with emu.dense_weight_grads_scope("staged", smem_bytes=budget):
+            runs.append(weight_grads(v, idx, w, x, up_d, up_k, DENSE))
+    rw2, rb2 = encoder_ref(v, idx, x, up_k, F)
+    close(runs[0][3], rw2, dtype, scale=math.sqrt(B))
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
+def test_staged_bitwise_across_schedules_and_runs():
+    for B, d, F, k in [(700, 300, 20, 8), (700, 33, 20, 8)]:
+        for dtype in (torch.float32, torch.bfloat16):
+            case = staged_case(B, d, F, k, dtype)
+            runs = []
+            for s in (0, 1, 2, 3, 0):
+                with emu.schedule(s), emu.dense_weight_grads_scope("staged"):
+                    runs.append(weight_grads(*case, DENSE))
+            for other in runs[1:]:
+                for a, b in zip(runs[0], other):
+                    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_staged_rows_off_16_byte_boundaries(dtype, seed):
+    """y (grad_out, x) with rows off a 16-byte boundary: staged with plain
+    element loads, the same bits as aligned inputs."""
+    B, d, F, k = 300, 64, 6, 4
+    v, idx, w, x, up_d, up_k = staged_case(B, d, F, k, dtype)
+    with emu.dense_weight_grads_scope("staged"):
+        want = weight_grads(v, idx, w, x, up_d, up_k, DENSE)
+        for off in (1, 3):
+            x2, up2 = offset_view(x, off), offset_view(up_d, off)
+            got = weight_grads(v, idx, w, x2, up2, up_k, DENSE)
+            assert torch.equal(got[1], want[1]) and torch.equal(got[3], want[3]) and torch.equal(got[4], want[4])
+
+
+def test_dense_weight_grads_scope_validates_and_restores():
+    with pytest.raises(ValueError, match="'mode' must be 'gemm' or 'staged'"):
+        with emu.dense_weight_grads_scope("fast"):
+            pass
+    with pytest.raises(ValueError, match="'smem_bytes' must be an int >= 0"):
+        with emu.dense_weight_grads_scope("staged", smem_bytes=-1):
+            pass
+    with emu.dense_weight_grads_scope("staged", smem_bytes=4096):
+        assert emu.module().dense_weight_grads_staged() and emu.module().staged_smem_bytes() == 4096
+    assert not emu.module().dense_weight_grads_staged() and emu.module().staged_smem_bytes() == 0
+
+
+def test_staged_setting_takes_the_kernels():
+    """"gemm": no kernel launch for dW (ATen GEMMs); "staged": the coefficient
+    gather, the staged kernel and the partial-row sum; over the budget: the
+    feature-major kernel and the partial-row sum."""
+    v, idx, w, x, up_d, up_k = staged_case(300, 70, 12, 5, torch.float32)
+    counts = []
+    for mode, budget in (("gemm", 0), ("staged", 0), ("staged", 16)):
+        with emu.dense_weight_grads_scope(mode, smem_bytes=budget), emu.schedule(0):
+            E.sparse_decode_backward(up_d, v, idx, w, False, True, True, DENSE)
+            counts.append(emu.module().launch_count())
+    assert counts == [0, 3, 2]
+
+
 # --------------------------------------------------------------------------- integration_mlp
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 def test_integration_mlp(dtype, seed):

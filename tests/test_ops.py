@@ -1512,3 +1512,34 @@ def test_sparse_weight_grads_shares_the_code_transpose():
         dw2 = ops.sparse_weight_grads(idx, v, None, g, None, None, None, F, k)[0]
     assert ops._shared_transpose_stats() == (1, 1)
     assert torch.equal(dw, dw2)
+
+
+def test_dense_weight_grads_setting_is_validated_restored_and_cpu_keeps_the_gemms():
+    """ops.set_dense_weight_grads: "gemm" (default) or "staged"; anything else
+    raises and leaves the setting alone. "staged" is CUDA only: on the CPU the
+    dense form's weight gradients are the GEMMs' either way (bitwise)."""
+    assert ops.dense_weight_grads() == "gemm"
+    g_ = torch.Generator().manual_seed(12)
+    B, d, F, k = 9, 7, 40, 12
+    v = torch.randn(B, k, generator=g_)
+    idx = torch.randint(0, F, (B, k), generator=g_)
+    w, x, up, upk = (torch.randn(*s, generator=g_) for s in ((F, d), (B, d), (B, d), (B, k)))
+    dense = 1 << 20
+
+    def grads():
+        return (torch.ops.dualenc_fast.sparse_decode_backward(up, v, idx, w, True, True, True, dense)
+                + torch.ops.dualenc_fast.topk_encode_backward(upk, v, idx, x, w, None, True, True, True, dense))
+
+    want = grads()
+    try:
+        ops.set_dense_weight_grads("staged")
+        assert ops.dense_weight_grads() == "staged"
+        for a, b in zip(grads(), want):
+            assert torch.equal(a, b)
+        for bad in ("GEMM", "", None, 1, True):
+            with pytest.raises(ValueError, match="'mode' must be 'gemm' or 'staged'"):
+                ops.set_dense_weight_grads(bad)
+        assert ops.dense_weight_grads() == "staged"
+    finally:
+        ops.set_dense_weight_grads("gemm")
+    assert ops.dense_weight_grads() == "gemm"

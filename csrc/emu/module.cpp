@@ -55,6 +55,10 @@ PYBIND11_MODULE(_C_emu, m) {
   m.def("sparse_strategy", &sparse_strategy);
   m.def("dense_dv_block_bytes", []() { return dualenc_fast::sparse_strategy().dense_dv_block_bytes; });
   m.def("set_dense_dv_block_bytes", [](int64_t n) { dualenc_fast::sparse_strategy().dense_dv_block_bytes = n; });
+  m.def("dense_weight_grads_staged", []() { return dualenc_fast::sparse_strategy().dense_wgrad_staged; });
+  m.def("set_dense_weight_grads_staged", [](bool on) { dualenc_fast::sparse_strategy().dense_wgrad_staged = on; });
+  m.def("staged_smem_bytes", []() { return dualenc_fast::sparse_strategy().staged_smem_bytes; });
+  m.def("set_staged_smem_bytes", [](int64_t n) { dualenc_fast::sparse_strategy().staged_smem_bytes = n; });
   m.def("set_share_csrs", &dualenc_fast::set_share_csrs, py::arg("on"),
         "Whether the backward products of one code share one transpose of it (csr_share.h).");
   m.def("share_csrs", &dualenc_fast::share_csrs);

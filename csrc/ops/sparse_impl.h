@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 
 #include "csr_share.h"
@@ -35,6 +36,37 @@
 namespace dualenc_fast {
 
 // ---------------------------------------------------------------- dense path
+// Whether a primitive set has staged_scatter_rows (CUDA only, staged_rows.cuh).
+template <typename P, typename = void>
+struct has_staged_rows : std::false_type {};
+template <typename P>
+struct has_staged_rows<P, std::void_t<decltype(&P::template staged_scatter_rows<float>)>> : std::true_type {};
+
+// Whether the dense form's weight gradients go through staged_scatter_rows
+// instead of the GEMMs (ops.set_dense_weight_grads; CUDA and its emulation
+// only: the CPU primitives have no staged_scatter_rows and keep the GEMMs).
+template <typename Prims>
+bool dense_weight_grads_staged() {
+  return has_staged_rows<Prims>::value && sparse_strategy().dense_wgrad_staged;
+}
+
+// dW[i] = sum over the pairs of feature i of coef * y[b] (dsum[i] = sum of
+// coef) through the code's shared transpose and staged_scatter_rows.
+template <typename Prims>
+void staged_weight_grads(const at::Tensor& indices, const at::Tensor& idx, const at::Tensor& coef,
+                         const at::Tensor& y, at::Tensor& dW, at::Tensor* dsum, int64_t F, int64_t k, int64_t d) {
+  if constexpr (has_staged_rows<Prims>::value) {
+    const auto csr_p = shared_csr<typename Prims::Csr>(indices, F, [&] { return typename Prims::Csr(idx, F); });
+    const int64_t smem = sparse_strategy().staged_smem_bytes;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, coef.scalar_type(), "staged_weight_grads", [&] {
+      Prims::template staged_scatter_rows<scalar_t>(*csr_p, coef.const_data_ptr<scalar_t>(),
+                                                    y.const_data_ptr<scalar_t>(), dW.mutable_data_ptr<scalar_t>(),
+                                                    dsum ? dsum->mutable_data_ptr<scalar_t>() : nullptr, F, k, d,
+                                                    smem);
+    });
+  }
+}
+
 // Rows per dense block: a dense [rows, F] block (and, in backward, its
 // gradient) stays near `block_bytes` (at least one row).
 inline int64_t dense_block_rows(int64_t B, int64_t F, const at::Tensor& like, int64_t block_bytes) {
@@ -150,16 +182,18 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward_impl(
       });
     }
     const bool several = dense_block_rows(B, F, v, form) < B;
+    const bool staged = need_weight_grad && dense_weight_grads_staged<Prims>();
+    if (staged) staged_weight_grads<Prims>(indices, idx, v, g, grad_weight, nullptr, F, k, d);
     std::optional<BlockGradSum> dW;
-    if (need_weight_grad) dW.emplace(grad_weight, several);
-    for_dense_blocks(B, F, v, form, [&](int64_t b0, int64_t n) {
+    if (need_weight_grad && !staged) dW.emplace(grad_weight, several);
+    if ((need_values_grad && chunk == 0) || dW) for_dense_blocks(B, F, v, form, [&](int64_t b0, int64_t n) {
       const auto gb = g.narrow(0, b0, n);      // [n, d]
       const auto ib = idx.narrow(0, b0, n);    // [n, k]
       if (need_values_grad && chunk == 0) {    // dv[b, j] = (g W^T)[b, idx[b, j]]
         auto gv = grad_values.narrow(0, b0, n);
         at::gather_out(gv, at::mm(gb, W.t()), 1, ib);
       }
-      if (need_weight_grad) dW->add_mm(scatter_code(v.narrow(0, b0, n), ib, F).t(), gb);  // dW += code^T g
+      if (dW) dW->add_mm(scatter_code(v.narrow(0, b0, n), ib, F).t(), gb);  // dW += code^T g
     });
     if (dW) dW->finish();
     return {grad_values, grad_weight};
@@ -204,18 +238,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_encode_backward_impl(
   if (const int64_t form = resolve_sparse_form(sparse_form, v, k, F); form > 0) {
     const auto xe = need_weight_grad ? centered_input(x, pre_bias) : at::Tensor();
     const bool several = dense_block_rows(B, F, v, form) < B;
+    const bool staged = need_weight_grad && dense_weight_grads_staged<Prims>();
+    if (staged) staged_weight_grads<Prims>(indices, idx, g, xe, grad_w, &grad_b, F, k, d);
     std::optional<BlockGradSum> dW, db;
-    if (need_weight_grad) {
+    if (need_weight_grad && !staged) {
       dW.emplace(grad_w, several);
       db.emplace(grad_b, several);
     }
-    for_dense_blocks(B, F, v, form, [&](int64_t b0, int64_t n) {
+    if (need_x_grad || dW) for_dense_blocks(B, F, v, form, [&](int64_t b0, int64_t n) {
       const auto gcode = scatter_code(g.narrow(0, b0, n), idx.narrow(0, b0, n), F);  // [n, F]
       if (need_x_grad) {
         auto gx = grad_x.narrow(0, b0, n);
         at::mm_out(gx, gcode, W);
       }
-      if (need_weight_grad) {
+      if (dW) {
         dW->add_mm(gcode.t(), xe.narrow(0, b0, n));
         db->add_column_sum(gcode);
       }

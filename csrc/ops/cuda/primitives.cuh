@@ -569,6 +569,11 @@ void dot_scatter_rows(const FeatureCsr& csr,
   if (dW) reduce_partials<scalar_t>(csr, part, at::Tensor(), dW, nullptr, d);
 }
 
+// Defined in staged_rows.cuh (included at the end of this file).
+template <typename scalar_t>
+void staged_scatter_rows(const FeatureCsr& csr, const scalar_t* coef, const scalar_t* y, scalar_t* dW,
+                         scalar_t* dsum, int64_t F, int64_t k, int64_t d, int64_t smem_budget);
+
 // The primitive set the shared host code (ops/sparse_impl.h) runs on.
 // out[p] = block[rows[q], f - f0] for every pair q of the features f in
 // [f0, f0 + n): the selected entries of a [B, n] slice of a dense product read
@@ -617,6 +622,11 @@ struct Prims {
                            int64_t d) {
     cuda::scatter_rows<T>(csr, coef, y, dW, dsum, F, k, d);
   }
+  template <typename T>  // scatter_rows through shared-memory column slices (staged_rows.cuh)
+  static void staged_scatter_rows(const Csr& csr, const T* coef, const T* y, T* dW, T* dsum, int64_t F,
+                                  int64_t k, int64_t d, int64_t smem_budget) {
+    cuda::staged_scatter_rows<T>(csr, coef, y, dW, dsum, F, k, d, smem_budget);
+  }
   template <typename T>
   static void gather_transposed(const Csr& csr, const T* block, int64_t f0, int64_t n, T* out) {
     cuda::gather_transposed<T>(csr, block, f0, n, out);
@@ -624,3 +634,5 @@ struct Prims {
 };
 
 }  // namespace dualenc_fast::cuda
+
+#include "ops/cuda/staged_rows.cuh"
