@@ -72,7 +72,7 @@ def line_of(text: str, pos: int) -> int:
 
 def find_mutants() -> list[Mutant]:
     out: list[Mutant] = []
-    for path in sorted(KERNELS.glob("*.cu")) + [KERNELS / "primitives.cuh"]:
+    for path in sorted(KERNELS.glob("*.cu")) + sorted(KERNELS.glob("*.cuh")):
         text = path.read_text()
         for m in re.finditer(r"__syncthreads\(\);", text):
             before = text[: m.start()].rstrip().rsplit("\n", 1)[-1].strip()
