@@ -13,7 +13,10 @@
 // same view of it (offset, sizes, strides), the same version counter (an
 // in-place write to the code gives a new version, so a new transpose), the
 // same F and the same stream. Unmarked codes (anything a user passes) are
-// transposed afresh on every call, as before. At most kMaxEntries transposes
+// transposed afresh on every call, as before, and so is every code while the
+// stream is being captured into a CUDA graph (Csr::shareable_now). Writes that
+// bypass the version counter (through `.data`, a NumPy or DLPack alias) are
+// not seen: after such a write, clear_shared_csrs() or turn sharing off. At most kMaxEntries transposes
 // are kept; entries whose code died are dropped at the next mark or lookup;
 // clear_shared_csrs() (ops.clear_buffer_cache) drops them all.
 //
@@ -144,7 +147,7 @@ inline std::pair<int64_t, int64_t> shared_csr_stats(bool reset) {
 template <typename Csr, typename Build>
 std::shared_ptr<const Csr> shared_csr(const at::Tensor& indices, int64_t F, Build&& build) {
   auto& r = csr_share::registry();
-  const bool can_share = r.enabled && csr_share::shareable(indices);
+  const bool can_share = r.enabled && csr_share::shareable(indices) && Csr::shareable_now();
   std::optional<csr_share::Entry> key;
   if (can_share) {
     const auto* impl = indices.storage().unsafeGetStorageImpl();

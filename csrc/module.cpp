@@ -111,6 +111,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("F"), "The form a forward records for its backward: 0 gather, n > 0 dense in n-byte blocks.");
   m.def("_checked_grid", &dualenc_fast::checked_grid, py::arg("blocks"), py::arg("kernel"),
         "The checked grid size of a CUDA launch (tests reach the host-side check through it).");
+  m.def("_checked_grid_y", &dualenc_fast::checked_grid_y, py::arg("blocks"), py::arg("kernel"),
+        "The checked gridDim.y of a 2-D CUDA launch.");
   m.def("buffer_cache_limit", &dualenc_fast::buffer_cache_limit, "Most idle bytes the CPU buffer cache keeps.");
   m.def("set_buffer_cache_limit", &dualenc_fast::set_buffer_cache_limit, py::arg("max_bytes"));
   m.def("buffer_cache_bytes", &dualenc_fast::buffer_cache_bytes, "Idle bytes in the CPU buffer cache now.");

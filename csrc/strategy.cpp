@@ -5,7 +5,6 @@
 #include <ATen/Context.h>
 #include <c10/util/Exception.h>
 
-#include <algorithm>
 
 namespace dualenc_fast {
 
@@ -32,6 +31,10 @@ bool use_tiled_forward(bool on_cpu, bool half_or_bf16, bool is_float32, int64_t 
   const double density = static_cast<double>(k) / static_cast<double>(F);
   const double reuse = density * static_cast<double>(std::min(B, kTiledRows));
   const bool tensor_cores = half_or_bf16 || (is_float32 && at::globalContext().allowTF32CuBLAS());
+  // its per-(row, chunk) pair offsets (int32, plus the int64 chunk bounds they
+  // are searched with) stay within the dense form's block size
+  const int64_t chunks = F / kTiledMinChunk + 2;
+  if (B > s.dense_block_bytes / (12 * chunks)) return false;
   return reuse >= s.tiled_min_reuse && density < (tensor_cores ? s.tiled_max_density : s.tiled_fp32_max_density);
 }
 
@@ -45,10 +48,13 @@ int64_t sparse_form(bool on_cpu, bool half_or_bf16, bool is_float32, int64_t B, 
   return use_dense_path(on_cpu, half_or_bf16, is_float32, B, k, F) ? sparse_strategy().dense_block_bytes : 0;
 }
 
-int64_t dense_dv_chunk(int64_t B, int64_t F, int64_t elt) {
+int64_t dense_dv_chunk(int64_t B, int64_t F, int64_t elt, int64_t block_bytes) {
   const int64_t bytes = sparse_strategy().dense_dv_block_bytes;
   if (bytes <= 0 || F <= 0) return 0;
   const int64_t per_feature = std::max<int64_t>(1, B * elt);
+  // a chunk of the fewest features may not outgrow the row blocks' [rows, F]
+  // bound (a batch that large keeps the row-block form)
+  if (std::min(F, kMinDvChunk) > block_bytes / per_feature) return 0;
   return std::min<int64_t>(F, std::max<int64_t>(kMinDvChunk, bytes / per_feature));
 }
 

@@ -23,6 +23,9 @@ enum class TiledMode : int { Auto = 0, On = 1, Off = 2 };
 // Batch rows per block of the tiled forward: each block streams the weight
 // table's rows for its column slice through shared memory once per tile.
 constexpr int64_t kTiledRows = 256;
+// Fewest features per weight chunk it streams (float32 and float64; 192 in
+// 16-bit): it keeps one int32 pair offset per (row, chunk).
+constexpr int64_t kTiledMinChunk = 96;
 
 struct SparseStrategy {
   SparseMode mode = SparseMode::Auto;
@@ -99,8 +102,10 @@ struct SparseStrategy {
 constexpr int64_t kMinDvChunk = 2048;
 
 // Features per chunk of the dense dvalues product for B rows of `elt`-byte
-// elements over F features, or 0 for the row-block form (setting 0).
-int64_t dense_dv_chunk(int64_t B, int64_t F, int64_t elt);
+// elements over F features, or 0 for the row-block form (setting 0, or a
+// batch so large that even kMinDvChunk features outgrow the dense form's row
+// block of `block_bytes`).
+int64_t dense_dv_chunk(int64_t B, int64_t F, int64_t elt, int64_t block_bytes);
 
 SparseStrategy& sparse_strategy();
 

@@ -422,7 +422,14 @@ def design_ab(step: Callable, x, device, names, repeats: int, warmup: int = 1, l
                 return step(x_)
 
         paths = {"on": step, "off": switched} if switch == "off" else {"on": switched, "off": step}
-        times = time_paths(paths, x, device, repeats, warmup)
+        # one round at a time, the order alternating (no side always runs first)
+        times = {"on": [], "off": []}
+        time_paths(paths, x, device, 0, warmup)
+        for r in range(repeats):
+            order = ("on", "off") if r % 2 == 0 else ("off", "on")
+            got = time_paths({n: paths[n] for n in order}, x, device, 1, 0)
+            for n in order:
+                times[n] += got[n]
         ratio = statistics.median(a / b for a, b in zip(times["off"], times["on"]))
         out[name] = {"what": what, "switch": switch, "on_s": statistics.median(times["on"]),
                      "off_s": statistics.median(times["off"]), "off_over_on_paired": ratio,

@@ -321,8 +321,12 @@ def set_share_transposes(enabled: bool) -> None:
     the same storage, view, version counter (an in-place write gives a new
     one), number of features and stream; codes built any other way are
     transposed on every call. At most four transposes are kept; those of codes
-    that died are dropped at the next step. Off: every product builds its own
-    (the results are bitwise the same). Process-wide."""
+    that died are dropped at the next step. Nothing is shared while the CUDA
+    stream is being captured into a graph. Writes that bypass the version
+    counter (through ``.data``, or a NumPy or DLPack alias of the indices) are
+    not seen: after such a write call :func:`clear_buffer_cache` or turn
+    sharing off. Off: every product builds its own (the results are bitwise
+    the same). Process-wide."""
     if not isinstance(enabled, bool):
         raise TypeError(f"dualenc_fast: argument 'enabled' must be a bool, got {enabled!r}")
     _ext._C.set_share_csrs(enabled)

@@ -938,6 +938,10 @@ def test_cuda_grid_sizes_are_checked():
         check(2**31, "row_dot_kernel")
     with pytest.raises(ValueError, match=r"kernel gather_sum_kernel needs a grid of 0 blocks"):
         check(0, "gather_sum_kernel")
+    check_y = ops._ext._C._checked_grid_y  # gridDim.y of the 2-D launches: at most 65535
+    assert check_y(65535, "k") == 65535
+    with pytest.raises(ValueError, match=r"kernel staged_rows_kernel needs 65536 blocks along gridDim.y"):
+        check_y(65536, "staged_rows_kernel")
     # every launch site takes its grid from checked_grid (blocks_for: the
     # element-wise kernels' capped grid, itself checked)
     import pathlib
@@ -965,7 +969,8 @@ def test_cuda_grid_sizes_are_checked():
                 continue  # the macro's own definition
             if grid.startswith("grid,"):  # a 2-D grid declared just before, each dimension checked
                 before = text[max(0, m.start() - 400):m.start()]
-                assert re.search(r"const dim3 grid\(checked_grid\(.*\n?\s*checked_grid\(", before), (name, before[-200:])
+                assert re.search(r"const dim3 grid\(checked_grid\(.*\n?\s*(kDot \? 1u : )?checked_grid_y\(", before), \
+                    (name, before[-200:])
                 launches += 1
                 continue
             assert grid.startswith(("checked_grid(", "blocks_for(")), (name, grid[:60])
@@ -1326,6 +1331,13 @@ def test_dense_dvalues_in_feature_chunks(device, dtype):
         torch.testing.assert_close(chunked[0].double(), ref, **tol)
         empty = torch.ops.dualenc_fast.sparse_decode_backward(g[:0], v[:0], idx[:0], w, True, False, True, 1 << 20)
         assert empty[0].shape == (0, k)
+        # a row block too small for even one chunk of 2048 features: the row-block form (no transpose)
+        ops._shared_transpose_stats(reset=True)
+        small = torch.ops.dualenc_fast.sparse_decode_backward(g, v, idx, w, True, False, True, 1000)[0]
+        assert ops._shared_transpose_stats() == (0, 0)
+        torch.testing.assert_close(small, chunked[0])
+        torch.ops.dualenc_fast.sparse_decode_backward(g, v, idx, w, True, False, True, 1 << 20)
+        assert ops._shared_transpose_stats()[0] == 1
     finally:
         ops.set_dense_dv_block_bytes(before)
     with pytest.raises(ValueError, match="'nbytes' must be an int >= 0"):

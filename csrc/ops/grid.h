@@ -9,7 +9,7 @@
 
 namespace dualenc_fast {
 
-// CUDA's limit on gridDim.x (every kernel here uses a 1-D grid).
+// CUDA's limit on gridDim.x.
 constexpr int64_t kMaxGridBlocks = (int64_t{1} << 31) - 1;
 
 // `blocks` as a launch's gridDim.x, or a ValueError naming `kernel` and the
@@ -18,6 +18,17 @@ inline unsigned checked_grid(int64_t blocks, const char* kernel) {
   TORCH_CHECK_VALUE(blocks >= 1 && blocks <= kMaxGridBlocks, "dualenc_fast: kernel ", kernel,
                     " needs a grid of ", blocks, " blocks; CUDA allows 1 to 2^31 - 1 = ", kMaxGridBlocks,
                     " (gridDim.x): split the input into smaller batches");
+  return static_cast<unsigned>(blocks);
+}
+
+// CUDA's limit on gridDim.y and gridDim.z.
+constexpr int64_t kMaxGridBlocksYZ = 65535;
+
+// `blocks` as a launch's gridDim.y (or z), checked as checked_grid does.
+inline unsigned checked_grid_y(int64_t blocks, const char* kernel) {
+  TORCH_CHECK_VALUE(blocks >= 1 && blocks <= kMaxGridBlocksYZ, "dualenc_fast: kernel ", kernel,
+                    " needs ", blocks, " blocks along gridDim.y; CUDA allows 1 to ", kMaxGridBlocksYZ,
+                    " there: the rows are too wide for this kernel");
   return static_cast<unsigned>(blocks);
 }
 

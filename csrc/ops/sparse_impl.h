@@ -169,7 +169,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward_impl(
   if (const int64_t form = resolve_sparse_form(sparse_form, v, k, F); form > 0) {
     // dv[b, j] = (g W^T)[b, idx[b, j]], in feature chunks read back through the
     // code's transpose (dense_dv_chunk), else per row block below
-    const int64_t chunk = need_values_grad && B > 0 ? dense_dv_chunk(B, F, v.element_size()) : 0;
+    const int64_t chunk = need_values_grad && B > 0 ? dense_dv_chunk(B, F, v.element_size(), form) : 0;
     if (chunk > 0) {
       const auto csr_p = shared_csr<typename Prims::Csr>(indices, F, [&] { return typename Prims::Csr(idx, F); });
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "sparse_decode_backward", [&] {

@@ -222,6 +222,7 @@ struct FeatureCsr {
     }
   }
   int64_t num_rows() const { return static_cast<int64_t>(rowptr.size()) - 1; }
+  static bool shareable_now() { return true; }  // csr_share.h
 };
 
 // Features [i0, i1) of scatter_rows, C columns at a time: the C sums of a

@@ -172,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor> fm_interaction_backward_cuda(
       auto parts = csr_partials<acc_t>(csr, v, K, false);
       const int threads = threads_cover(K);
       const dim3 grid(checked_grid(csr.item_bound(), "fm_interaction_backward"),
-                      checked_grid(std::max<int64_t>(1, ceil_div(K, threads)), "fm_interaction_backward"));
+                      checked_grid_y(std::max<int64_t>(1, ceil_div(K, threads)), "fm_interaction_backward"));
       DUALENC_LAUNCH(fm_backward_features_kernel<scalar_t>, grid, threads, 0, stream)(
           csr.rowptr.const_data_ptr<int64_t>(), csr.item_ptr.const_data_ptr<int64_t>(),
           csr.part_ptr.const_data_ptr<int64_t>(), csr.item_feature.const_data_ptr<int64_t>(),

@@ -24,6 +24,7 @@
 #include <ATen/ops/sort.h>
 #include <ATen/ops/sub.h>
 #include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -182,6 +183,12 @@ struct FeatureCsr {
   // features with several items <= nnz / (kPairsPerItem + 1); their partial
   // rows <= 2 nnz / kPairsPerItem
   int64_t item_bound() const { return F + nnz / kPairsPerItem; }
+  // Never shared while the stream is being captured into a CUDA graph
+  // (csr_share.h): a replay runs on new data that no version counter records,
+  // and a transpose built during capture lives in the graph's memory pool.
+  static bool shareable_now() {
+    return c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None;
+  }
   int64_t multi_bound() const { return std::max<int64_t>(1, nnz / (kPairsPerItem + 1)); }
   int64_t partial_rows_bound() const { return 2 * nnz / kPairsPerItem + 1; }
 };
@@ -469,7 +476,7 @@ void reduce_partials(const FeatureCsr& csr, const at::Tensor& part, const at::Te
   if (csr.nnz <= kPairsPerItem) return;  // no feature has several items
   const int threads = threads_for(d);
   const dim3 grid(checked_grid(csr.multi_bound(), "reduce_partials"),
-                  checked_grid(std::max<int64_t>(1, ceil_div(d, threads)), "reduce_partials"));
+                  checked_grid_y(std::max<int64_t>(1, ceil_div(d, threads)), "reduce_partials"));
   DUALENC_LAUNCH(reduce_partials_kernel<scalar_t>, grid, threads, 0, stream)(
       csr.part_ptr.const_data_ptr<int64_t>(), csr.multi_feature.const_data_ptr<int64_t>(),
       static_cast<const acc_t*>(part.const_data_ptr()),
@@ -512,7 +519,7 @@ void launch_feature_rows(const FeatureCsr& csr, const scalar_t* coef, const scal
   auto launch = [&](auto width) {
     constexpr int VW = decltype(width)::value;
     const RowPlan plan = plan_rows(d, VW, kRowCols<scalar_t, kDot>);
-    const dim3 grid(checked_grid(csr.item_bound(), name), kDot ? 1u : checked_grid(plan.slices, name));
+    const dim3 grid(checked_grid(csr.item_bound(), name), kDot ? 1u : checked_grid_y(plan.slices, name));
     DUALENC_LAUNCH((feature_rows_kernel<scalar_t, VW, kDot>), grid, plan.threads, 0, stream)(
         csr.rowptr.const_data_ptr<int64_t>(), csr.item_ptr.const_data_ptr<int64_t>(),
         csr.part_ptr.const_data_ptr<int64_t>(), csr.item_feature.const_data_ptr<int64_t>(),

@@ -213,7 +213,7 @@ void weight_grads(const FeatureCsr& csr, const WeightGradsPtrs<scalar_t>& p, int
   auto launch = [&](auto width) {
     constexpr int VW = decltype(width)::value;
     const RowPlan plan = plan_rows(d, VW, kWgCols<scalar_t>);
-    const dim3 grid(checked_grid(csr.item_bound(), "weight_grads"), checked_grid(plan.slices, "weight_grads"));
+    const dim3 grid(checked_grid(csr.item_bound(), "weight_grads"), checked_grid_y(plan.slices, "weight_grads"));
     DUALENC_LAUNCH((weight_grads_kernel<scalar_t, VW>), grid, plan.threads, 0, stream)(
         csr.rowptr.const_data_ptr<int64_t>(), csr.item_ptr.const_data_ptr<int64_t>(),
         csr.part_ptr.const_data_ptr<int64_t>(), csr.item_feature.const_data_ptr<int64_t>(),

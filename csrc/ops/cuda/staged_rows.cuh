@@ -252,7 +252,7 @@ void staged_scatter_rows(const FeatureCsr& csr, const scalar_t* coef, const scal
                                       static_cast<int>(smem)));
 #endif
   const dim3 grid(checked_grid(ceil_div(csr.item_bound(), kStagedTileItems), "staged_rows_kernel"),
-                  checked_grid(ceil_div(d, S), "staged_rows_kernel"));
+                  checked_grid_y(ceil_div(d, S), "staged_rows_kernel"));
   DUALENC_LAUNCH(staged_rows_kernel<scalar_t>, grid, kStagedThreads, smem, stream)(
       csr.rowptr.const_data_ptr<int64_t>(), csr.item_ptr.const_data_ptr<int64_t>(),
       csr.part_ptr.const_data_ptr<int64_t>(), csr.item_feature.const_data_ptr<int64_t>(),

@@ -96,6 +96,9 @@ template <typename scalar_t>
 constexpr int kTiledSlice = kWarp * kTiledLaneCols<scalar_t>;
 template <typename scalar_t>
 constexpr int kTiledChunk = kTiledBufferBytes / (kTiledSlice<scalar_t> * static_cast<int>(sizeof(scalar_t)));
+static_assert(kTiledChunk<float> >= kTiledMinChunk && kTiledChunk<double> >= kTiledMinChunk &&
+                  kTiledChunk<c10::BFloat16> >= kTiledMinChunk,
+              "strategy.h bounds the tiled form's pair offsets by its narrowest chunk (kTiledMinChunk)");
 
 template <typename scalar_t, int VW>
 __global__ void __launch_bounds__(kTiledThreads) tiled_decode_kernel(
@@ -316,7 +319,7 @@ at::Tensor tiled_decode(const at::Tensor& values, const at::Tensor& indices, con
       C10_CUDA_CHECK(cudaFuncSetAttribute(tiled_decode_kernel<scalar_t, VW>,
                                           cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
       const dim3 grid(checked_grid(ceil_div(B, kTiledRows), "tiled_decode_kernel"),
-                      checked_grid(ceil_div(d, S), "tiled_decode_kernel"));
+                      checked_grid_y(ceil_div(d, S), "tiled_decode_kernel"));
       DUALENC_LAUNCH((tiled_decode_kernel<scalar_t, VW>), grid, kTiledThreads, smem, stream)(
           sv.const_data_ptr<scalar_t>(), feats.const_data_ptr<int>(), starts.const_data_ptr<int>(),
           W.const_data_ptr<scalar_t>(), has_bias ? bvec.const_data_ptr<scalar_t>() : nullptr,
